@@ -1,0 +1,254 @@
+"""Operator configuration: which host, how to reach it, where things go, and the policy.
+
+Sources, later ones win: built-in defaults < the config file (``--config PATH``, else
+``$MODEL_DEPLOYER_CONFIG``, else ``./model-deployer.toml`` when present) < environment
+overrides named ``MODEL_DEPLOYER_<SECTION>__<KEY>`` (``MODEL_DEPLOYER_HOST__ADDRESS=10.0.0.5``)
+< command-line flags. Unknown keys are errors, everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path, PurePosixPath
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import ConfigError
+from .validation import describe, did_you_mean
+
+ENV_CONFIG = "MODEL_DEPLOYER_CONFIG"
+ENV_PREFIX = "MODEL_DEPLOYER_"
+DEFAULT_FILE = Path("model-deployer.toml")
+UNIT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,200}\.service$")
+USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
+MEMORY_RE = re.compile(r"^(\d+)([KMGT]?)$|^infinity$")
+CPU_QUOTA_RE = re.compile(r"^\d{1,5}%$")
+URL_RE = re.compile(r"https?://[A-Za-z0-9.:\[\]-]+(/[\w./-]*)?")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _abs_posix(value: str) -> str:
+    path = PurePosixPath(value)
+    if not path.is_absolute() or ".." in path.parts or not re.fullmatch(r"[A-Za-z0-9._/-]+", value):
+        raise ValueError("must be an absolute path of letters, digits, '.', '_', '-' and '/'")
+    return str(path)
+
+
+class HostConfig(_Section):
+    address: str | None = None
+    port: Annotated[int, Field(ge=1, le=65535)] = 22
+    user: str = "ubuntu"
+    key_file: Path | None = None
+    known_hosts: Path | None = None  # default: ~/.ssh/known_hosts
+    connect_timeout: Annotated[float, Field(gt=0, le=300)] = 10.0
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[A-Za-z0-9.:-]{1,253}", value):
+            raise ValueError("must be a host name or IP address")
+        return value
+
+    @field_validator("user")
+    @classmethod
+    def _user(cls, value: str) -> str:
+        if not USER_RE.fullmatch(value):
+            raise ValueError("not a valid user name")
+        return value
+
+
+class S3Config(_Section):
+    bucket: str | None = None  # default: the catalog's bucket
+    region: str = "us-west-2"
+    endpoint_url: str | None = None  # an S3-compatible endpoint; AWS when unset
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        if value is not None and not URL_RE.fullmatch(value):
+            raise ValueError("must be an http(s) URL without credentials or query")
+        return value
+
+
+class RemoteConfig(_Section):
+    service_dir: str = "/opt/asoba-inference"
+    models_dir: str = "/opt/models"
+    state_dir: str = "/var/lib/model-deployer"
+    service_name: str = "asoba-inference.service"
+    flux_service: str = "flux-api.service"
+    service_user: str = "ubuntu"
+    python: str = "python3"
+
+    @field_validator("service_dir", "models_dir", "state_dir")
+    @classmethod
+    def _dirs(cls, value: str) -> str:
+        return _abs_posix(value)
+
+    @field_validator("service_name", "flux_service")
+    @classmethod
+    def _unit(cls, value: str) -> str:
+        if not UNIT_RE.fullmatch(value):
+            raise ValueError("must be a systemd unit name ending in '.service'")
+        return value
+
+    @field_validator("service_user")
+    @classmethod
+    def _user(cls, value: str) -> str:
+        if not USER_RE.fullmatch(value) or value == "root":
+            raise ValueError("must be a non-root user name")
+        return value
+
+    @field_validator("python")
+    @classmethod
+    def _python(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9._/-]+", value):
+            raise ValueError("must be a command name or path")
+        return value
+
+
+class ServiceConfig(_Section):
+    memory_max: str = "32G"
+    cpu_quota: str = "800%"
+    restart_sec: Annotated[int, Field(ge=1, le=3600)] = 10
+    health_timeout_s: Annotated[float, Field(gt=0, le=7200)] = 600.0
+    max_concurrent_seqs: Annotated[int, Field(ge=1, le=1024)] = 8
+    max_new_tokens: Annotated[int, Field(ge=1, le=131072)] = 1024
+    keep_releases: Annotated[int, Field(ge=1, le=20)] = 3
+
+    @field_validator("memory_max")
+    @classmethod
+    def _memory(cls, value: str) -> str:
+        if not MEMORY_RE.fullmatch(value):
+            raise ValueError("must be a systemd size like 32G, 512M or 'infinity'")
+        return value
+
+    @field_validator("cpu_quota")
+    @classmethod
+    def _cpu(cls, value: str) -> str:
+        if not CPU_QUOTA_RE.fullmatch(value):
+            raise ValueError("must be a percentage like 800%")
+        return value
+
+
+class PolicyConfig(_Section):
+    coexist_max_gb: Annotated[float, Field(ge=0)] = 3.0
+    quantize_above_gb: Annotated[float, Field(gt=0)] = 20.0
+    gpu_margin_gb: Annotated[float, Field(ge=0)] = 1.0
+    ram_margin_gb: Annotated[float, Field(ge=0)] = 2.0
+    disk_margin_gb: Annotated[float, Field(ge=0)] = 2.0
+    prefer_quality: bool = False  # 8-bit over 4-bit when both fit
+    context_tokens: Annotated[int, Field(ge=128, le=1_048_576)] = 4096
+    concurrent_seqs: Annotated[int, Field(ge=1, le=1024)] = 4
+    flux_port: Annotated[int, Field(ge=1, le=65535)] = 8000
+    coexist_port: Annotated[int, Field(ge=1, le=65535)] = 8001
+    replace_port: Annotated[int, Field(ge=1, le=65535)] = 8000
+
+
+class InstallConfig(_Section):
+    index_url: str | None = None  # pip index on the host; default: the host's pip config
+    wheelhouse: str | None = None  # a directory of wheels on the host: install offline from it
+
+    @field_validator("wheelhouse")
+    @classmethod
+    def _wheelhouse(cls, value: str | None) -> str | None:
+        return None if value is None else _abs_posix(value)
+
+
+class Settings(_Section):
+    host: HostConfig = HostConfig()
+    s3: S3Config = S3Config()
+    remote: RemoteConfig = RemoteConfig()
+    service: ServiceConfig = ServiceConfig()
+    policy: PolicyConfig = PolicyConfig()
+    install: InstallConfig = InstallConfig()
+    catalog: Path | None = None
+    source: str = "defaults"
+
+    def require_host(self) -> str:
+        if not self.host.address:
+            raise ConfigError(
+                "no target host configured",
+                hint=f"set host.address in the config file or {ENV_PREFIX}HOST__ADDRESS",
+            )
+        return self.host.address
+
+
+SECTIONS = tuple(name for name in Settings.model_fields if name not in ("catalog", "source"))
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, str]]:
+    out: dict[str, dict[str, str]] = {}
+    for key, value in environ.items():
+        if not key.startswith(ENV_PREFIX) or key == ENV_CONFIG or "__" not in key:
+            continue
+        section, _, field = key[len(ENV_PREFIX) :].lower().partition("__")
+        if section not in SECTIONS:
+            hint = did_you_mean(section, SECTIONS)
+            raise ConfigError(f"{key}: unknown section {section!r}{hint}")
+        out.setdefault(section, {})[field] = value
+    return out
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _resolve_paths(data: dict[str, Any], base: Path) -> None:
+    host = data.get("host")
+    if isinstance(host, dict):
+        for key in ("key_file", "known_hosts"):
+            if isinstance(host.get(key), str):
+                host[key] = str((base / Path(host[key]).expanduser()).resolve())
+    if isinstance(data.get("catalog"), str):
+        data["catalog"] = str((base / Path(data["catalog"]).expanduser()).resolve())
+
+
+def config_path(explicit: str | Path | None, environ: Mapping[str, str]) -> Path | None:
+    if explicit:
+        return Path(explicit)
+    if environ.get(ENV_CONFIG):
+        return Path(environ[ENV_CONFIG])
+    return DEFAULT_FILE if DEFAULT_FILE.is_file() else None
+
+
+def load_settings(
+    path: str | Path | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+) -> Settings:
+    """Defaults < file < environment < ``overrides`` (the CLI's flags)."""
+    environ = os.environ if environ is None else environ
+    file = config_path(path, environ)
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if file is not None:
+        try:
+            data = tomllib.loads(file.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {file}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{file}: not valid TOML: {exc}") from None
+        _resolve_paths(data, file.resolve().parent)
+        source = str(file)
+    data = _merge(data, _env_overrides(environ))
+    if overrides:
+        data = _merge(data, {k: dict(v) for k, v in overrides.items() if v})
+    _resolve_paths(data, Path.cwd())
+    try:
+        return Settings.model_validate({**data, "source": source})
+    except ValidationError as exc:
+        raise ConfigError(describe(exc, source=Path(source).name)) from None

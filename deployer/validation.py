@@ -1,0 +1,35 @@
+"""Turning pydantic's errors into one readable line with a path, and "did you mean"."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+from pydantic import ValidationError
+
+
+def close_matches(word: str, candidates: Iterable[str], n: int = 3) -> list[str]:
+    return difflib.get_close_matches(word, list(candidates), n=n, cutoff=0.5)
+
+
+def did_you_mean(word: str, candidates: Iterable[str]) -> str:
+    matches = close_matches(word, candidates)
+    if not matches:
+        return ""
+    return " (did you mean " + " or ".join(repr(m) for m in matches) + "?)"
+
+
+def describe(err: ValidationError, *, prefix: str = "", source: str = "") -> str:
+    """One line per problem, ``source: a.b.c: reason``; the first problem leads."""
+    parts: list[str] = []
+    for item in err.errors(include_url=False):
+        loc = [str(p) for p in item["loc"] if p not in ("__root__",)]
+        path = ".".join(([prefix] if prefix else []) + loc)
+        msg = item["msg"]
+        if item["type"] == "extra_forbidden" and loc:
+            msg = "unknown key"
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, ") :]
+        where = f"{source}: " if source else ""
+        parts.append(f"{where}{path}: {msg}" if path else f"{where}{msg}")
+    return "; ".join(parts)
