@@ -1,0 +1,100 @@
+# shellcheck shell=bash
+# Shared settings and helpers for the sandbox scripts. Sourced, never run.
+#
+# The sandbox is one systemd-nspawn container (a Debian bookworm host with systemd, sshd and
+# a stand-in for the resident Flux service) on a veth pair, plus a moto S3 server bound to the
+# host side of that veth. Everything it creates lives under $SANDBOX_STATE (.sandbox/ in the
+# repository), the rootfs and wheel caches under $SANDBOX_CACHE.
+
+SANDBOX_LIB="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO_ROOT="$(cd "$SANDBOX_LIB/../.." && pwd)"
+
+# Bump when the rootfs recipe (build-rootfs) changes; the cached tarball is keyed by it.
+# Files under guest/ are copied in at every boot and need no bump.
+ROOTFS_VERSION="bookworm-3"
+
+SANDBOX_CACHE="${MODEL_DEPLOYER_CACHE:-${HOME:-/root}/.cache/model-deployer}"
+ROOTFS_TAR="$SANDBOX_CACHE/rootfs-$ROOTFS_VERSION.tar.zst"
+SANDBOX_STATE="$REPO_ROOT/.sandbox"
+
+MACHINE="mdsandbox"
+VETH_HOST="ve-$MACHINE"
+HOST_SIDE_ADDR="10.77.0.1"
+GUEST_ADDR="10.77.0.2"
+NET_PREFIX=24
+S3_PORT=9000
+S3_BUCKET="asoba-llm-cache"
+S3_REGION="us-west-2"
+GUEST_USER="ubuntu"
+
+# The CPU build of PyTorch that plays the GPU host's preinstalled CUDA torch.
+TORCH_WHEEL="${SANDBOX_TORCH_WHEEL:-/opt/wheels/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl}"
+
+# The guest is CPython 3.11 on glibc 2.36 (bookworm), x86_64.
+GUEST_PIP_PLATFORM_ARGS=(
+    --only-binary=:all:
+    --implementation cp
+    --python-version 3.11
+    --abi cp311
+    --abi abi3
+    --abi none
+    --platform manylinux_2_36_x86_64
+    --platform manylinux_2_28_x86_64
+    --platform manylinux_2_17_x86_64
+    --platform manylinux2014_x86_64
+    --platform any
+)
+
+log() { printf '[sandbox] %s\n' "$*" >&2; }
+die() { printf '[sandbox] error: %s\n' "$*" >&2; exit 1; }
+
+require_root() {
+    [[ "$(id -u)" -eq 0 ]] || die "must run as root (systemd-nspawn, veth and cgroups need it)"
+}
+
+# Install Debian packages that are missing; quiet and idempotent.
+ensure_apt_packages() {
+    local missing=() pkg
+    for pkg in "$@"; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' \
+            || missing+=("$pkg")
+    done
+    ((${#missing[@]} == 0)) && return 0
+    log "installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    if ! apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null 2>&1; then
+        apt-get update -qq >/dev/null
+        apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    fi
+}
+
+# The first Debian (non-security) mirror in this machine's apt sources.
+apt_mirror() {
+    local uri=""
+    if [[ -f /etc/apt/sources.list.d/debian.sources ]]; then
+        uri="$(awk '/^URIs:/ { for (i = 2; i <= NF; i++) if ($i !~ /security/) { print $i; exit } }' \
+            /etc/apt/sources.list.d/debian.sources)"
+    fi
+    if [[ -z "$uri" && -f /etc/apt/sources.list ]]; then
+        uri="$(awk '$1 == "deb" && $0 !~ /security/ { for (i = 2; i <= NF; i++) if ($i ~ /^https?:/) { print $i; exit } }' \
+            /etc/apt/sources.list)"
+    fi
+    printf '%s\n' "${uri:-http://deb.debian.org/debian}"
+}
+
+# True when PIDFILE names a live process whose command name is COMM.
+pid_alive() {
+    local pidfile="$1" comm="$2" pid
+    [[ -s "$pidfile" ]] || return 1
+    pid="$(<"$pidfile")"
+    [[ "$pid" =~ ^[0-9]+$ ]] || return 1
+    [[ -r "/proc/$pid/comm" ]] || return 1
+    [[ "$(<"/proc/$pid/comm")" == "$comm"* ]]
+}
+
+# The Python that runs the sandbox's own tooling (moto, boto3): the project venv.
+sandbox_python() {
+    local py="${SANDBOX_PYTHON:-$REPO_ROOT/.venv/bin/python}"
+    [[ -x "$py" ]] || die "no project venv at $py (create it and install the dev extra first)"
+    printf '%s\n' "$py"
+}

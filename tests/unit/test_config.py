@@ -1,0 +1,88 @@
+"""Configuration: defaults < file < environment < flags, unknown keys rejected with a path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from deployer.config import load_settings
+from deployer.errors import ConfigError
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_match_the_deployment_doc() -> None:
+    s = load_settings(environ={})
+    assert s.remote.service_dir == "/opt/asoba-inference"
+    assert s.remote.models_dir == "/opt/models"
+    assert s.remote.service_name == "asoba-inference.service"
+    assert s.remote.flux_service == "flux-api.service"
+    assert s.remote.service_user == "ubuntu"
+    assert (s.service.memory_max, s.service.cpu_quota, s.service.restart_sec) == ("32G", "800%", 10)
+    assert (s.policy.coexist_max_gb, s.policy.quantize_above_gb) == (3.0, 20.0)
+    assert (s.policy.coexist_port, s.policy.replace_port) == (8001, 8000)
+    with pytest.raises(ConfigError, match="no target host configured"):
+        s.require_host()
+
+
+def test_file_then_env_then_flags(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        '[host]\naddress = "10.0.0.5"\nport = 2200\nkey_file = "keys/id"\n'
+        '[policy]\ncoexist_max_gb = 4.5\n',
+    )
+    s = load_settings(path, environ={"MODEL_DEPLOYER_HOST__PORT": "2222"})
+    assert s.host.address == "10.0.0.5"
+    assert s.host.port == 2222
+    assert s.host.key_file == (tmp_path / "keys/id").resolve()
+    assert s.policy.coexist_max_gb == 4.5
+    s = load_settings(
+        path,
+        environ={"MODEL_DEPLOYER_HOST__PORT": "2222"},
+        overrides={"host": {"port": 2300}},
+    )
+    assert s.host.port == 2300
+
+
+def test_config_path_from_environment(tmp_path: Path) -> None:
+    path = write(tmp_path, '[s3]\nbucket = "other-bucket"\n')
+    s = load_settings(environ={"MODEL_DEPLOYER_CONFIG": str(path)})
+    assert s.s3.bucket == "other-bucket"
+    assert s.source == str(path)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('[host]\nadress = "x"\n', r"host\.adress: unknown key"),
+        ('[hots]\naddress = "x"\n', r"hots: unknown key"),
+        ("[host]\nport = 70000\n", r"host\.port"),
+        ('[remote]\nmodels_dir = "relative/dir"\n', r"remote\.models_dir: must be an absolute"),
+        ('[remote]\nmodels_dir = "/opt/$(id)"\n', r"remote\.models_dir"),
+        ('[remote]\nservice_user = "root"\n', r"remote\.service_user: must be a non-root"),
+        ('[remote]\nservice_name = "x; reboot"\n', r"remote\.service_name"),
+        ('[service]\nmemory_max = "lots"\n', r"service\.memory_max"),
+        ('[service]\ncpu_quota = "8"\n', r"service\.cpu_quota"),
+        ('[s3]\nendpoint_url = "ftp://x"\n', r"s3\.endpoint_url"),
+        ("[host\n", r"not valid TOML"),
+    ],
+)
+def test_bad_config_is_one_clear_line(tmp_path: Path, text: str, expected: str) -> None:
+    with pytest.raises(ConfigError, match=expected) as info:
+        load_settings(write(tmp_path, text), environ={})
+    assert "\n" not in str(info.value)
+
+
+def test_unknown_env_section_suggests(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"unknown section 'hots' \(did you mean 'host'"):
+        load_settings(environ={"MODEL_DEPLOYER_HOTS__ADDRESS": "x"})
+
+
+def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_settings(tmp_path / "missing.toml", environ={})
