@@ -1,0 +1,1 @@
+"""Scripts that run on the GPU host with its own Python (stdlib only unless noted)."""

@@ -1,0 +1,82 @@
+"""Wait, on the GPU host, until the inference service is ready and serving the expected model.
+
+Stdlib only: runs with the host's ``python3``. Prints JSON lines (``{"event": "waiting", ...}``
+every few seconds, then ``ready`` or ``timeout``) and exits 0 only when ``/health`` says ok and
+``/status`` names the expected model on the expected port. Exit 3 means the unit stopped
+trying (it failed and systemd gave up), so waiting longer is pointless.
+
+    python3 - PORT MODEL TIMEOUT_S UNIT
+"""
+
+import json
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+
+def fetch(url: str) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(url, timeout=3) as response:  # noqa: S310 (loopback URL)
+            return response.status, json.loads(response.read().decode() or "{}")
+    except urllib.error.HTTPError as exc:
+        try:
+            return exc.code, json.loads(exc.read().decode() or "{}")
+        except ValueError:
+            return exc.code, {}
+    except (OSError, ValueError):
+        return 0, {}
+
+
+def unit_state(unit: str) -> str:
+    try:
+        out = subprocess.run(
+            ["systemctl", "show", unit, "--property=ActiveState,SubState,NRestarts"],
+            capture_output=True, text=True, timeout=10, check=False,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    props = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+    return f"{props.get('ActiveState', '?')}/{props.get('SubState', '?')}" + (
+        f" restarts={props['NRestarts']}" if props.get("NRestarts", "0") != "0" else ""
+    )
+
+
+def emit(event: str, **fields: object) -> None:
+    print(json.dumps({"event": event, **fields}), flush=True)
+
+
+def main() -> int:
+    port, model, timeout, unit = int(sys.argv[1]), sys.argv[2], float(sys.argv[3]), sys.argv[4]
+    base = f"http://127.0.0.1:{port}"
+    started = time.monotonic()
+    last_report = 0.0
+    while True:
+        elapsed = time.monotonic() - started
+        health_code, health = fetch(base + "/health")
+        if health_code == 200 and health.get("status") == "ok":
+            status_code, status = fetch(base + "/status")
+            if status_code == 200 and status.get("model") == model and status.get("port") == port:
+                emit("ready", elapsed_s=round(elapsed, 1), status=status)
+                return 0
+            if status_code == 200 and status.get("model") not in (None, model):
+                emit("wrong-model", serving=status.get("model"), expected=model)
+                return 4
+        state = unit_state(unit)
+        if state.startswith("failed"):
+            emit("failed", unit_state=state, elapsed_s=round(elapsed, 1))
+            return 3
+        if elapsed >= timeout:
+            emit("timeout", unit_state=state, health=health.get("status"),
+                 elapsed_s=round(elapsed, 1))
+            return 2
+        if elapsed - last_report >= 5:
+            emit("waiting", unit_state=state, health=health.get("status") or health_code,
+                 elapsed_s=round(elapsed, 1))
+            last_report = elapsed
+        time.sleep(0.5)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
