@@ -5,7 +5,10 @@ every few seconds, then ``ready`` or ``timeout``) and exits 0 only when ``/healt
 ``/status`` names the expected model on the expected port. Exit 3 means the unit stopped
 trying (it failed and systemd gave up), so waiting longer is pointless.
 
-    python3 - PORT MODEL TIMEOUT_S UNIT
+    python3 - PORT MODEL TIMEOUT_S UNIT [MAX_RESTARTS]
+
+A service that crashed during start-up (systemd restarted it MAX_RESTARTS times, default 1)
+is reported at once as a crash loop rather than waited on until the timeout.
 """
 
 import json
@@ -29,18 +32,18 @@ def fetch(url: str) -> tuple[int, dict]:
         return 0, {}
 
 
-def unit_state(unit: str) -> str:
+def unit_state(unit: str) -> tuple[str, int]:
+    """("active/running", restarts) for ``unit``."""
     try:
         out = subprocess.run(
             ["systemctl", "show", unit, "--property=ActiveState,SubState,NRestarts"],
             capture_output=True, text=True, timeout=10, check=False,
         ).stdout
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return "unknown", 0
     props = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
-    return f"{props.get('ActiveState', '?')}/{props.get('SubState', '?')}" + (
-        f" restarts={props['NRestarts']}" if props.get("NRestarts", "0") != "0" else ""
-    )
+    restarts = int(props.get("NRestarts") or 0)
+    return f"{props.get('ActiveState', '?')}/{props.get('SubState', '?')}", restarts
 
 
 def emit(event: str, **fields: object) -> None:
@@ -49,6 +52,7 @@ def emit(event: str, **fields: object) -> None:
 
 def main() -> int:
     port, model, timeout, unit = int(sys.argv[1]), sys.argv[2], float(sys.argv[3]), sys.argv[4]
+    max_restarts = int(sys.argv[5]) if len(sys.argv) > 5 else 1
     base = f"http://127.0.0.1:{port}"
     started = time.monotonic()
     last_report = 0.0
@@ -63,9 +67,9 @@ def main() -> int:
             if status_code == 200 and status.get("model") not in (None, model):
                 emit("wrong-model", serving=status.get("model"), expected=model)
                 return 4
-        state = unit_state(unit)
-        if state.startswith("failed"):
-            emit("failed", unit_state=state, elapsed_s=round(elapsed, 1))
+        state, restarts = unit_state(unit)
+        if state.startswith("failed") or restarts >= max_restarts:
+            emit("failed", unit_state=state, restarts=restarts, elapsed_s=round(elapsed, 1))
             return 3
         if elapsed >= timeout:
             emit("timeout", unit_state=state, health=health.get("status"),
