@@ -1,4 +1,4 @@
-# shellcheck shell=bash
+# shellcheck shell=bash disable=SC2034  # constants used by the scripts that source this
 # Shared settings and helpers for the sandbox scripts. Sourced, never run.
 #
 # The sandbox is one systemd-nspawn container (a Debian bookworm host with systemd, sshd and
@@ -11,10 +11,12 @@ REPO_ROOT="$(cd "$SANDBOX_LIB/../.." && pwd)"
 
 # Bump when the rootfs recipe (build-rootfs) changes; the cached tarball is keyed by it.
 # Files under guest/ are copied in at every boot and need no bump.
-ROOTFS_VERSION="bookworm-3"
+ROOTFS_VERSION="bookworm-4"
 
 SANDBOX_CACHE="${MODEL_DEPLOYER_CACHE:-${HOME:-/root}/.cache/model-deployer}"
 ROOTFS_TAR="$SANDBOX_CACHE/rootfs-$ROOTFS_VERSION.tar.zst"
+# The tarball unpacked once: the read-only lower layer of every boot's overlay.
+ROOTFS_BASE="$SANDBOX_CACHE/rootfs-$ROOTFS_VERSION"
 SANDBOX_STATE="$REPO_ROOT/.sandbox"
 
 MACHINE="mdsandbox"
@@ -44,6 +46,9 @@ GUEST_PIP_PLATFORM_ARGS=(
     --platform manylinux2014_x86_64
     --platform any
 )
+
+# Seconds since the EPOCHREALTIME value $1, one decimal.
+elapsed() { awk -v a="$1" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }'; }
 
 log() { printf '[sandbox] %s\n' "$*" >&2; }
 die() { printf '[sandbox] error: %s\n' "$*" >&2; exit 1; }
@@ -97,4 +102,83 @@ sandbox_python() {
     local py="${SANDBOX_PYTHON:-$REPO_ROOT/.venv/bin/python}"
     [[ -x "$py" ]] || die "no project venv at $py (create it and install the dev extra first)"
     printf '%s\n' "$py"
+}
+
+# This process's cgroup directory in every mounted hierarchy (cgroup v1 controllers, the
+# name=systemd one and the unified v2 one), one per line.
+own_cgroup_dirs() {
+    local _dev mnt fstype opts _rest ctrls path
+    while read -r _dev mnt fstype opts _rest; do
+        path=""
+        case "$fstype" in
+            cgroup2) path="$(awk -F: '$1 == "0" { print $3 }' /proc/self/cgroup)" ;;
+            cgroup)
+                while IFS=: read -r _ ctrls p; do
+                    if [[ -n "$ctrls" && ",$opts," == *",${ctrls%%,*},"* ]]; then
+                        path="$p"
+                        break
+                    fi
+                done </proc/self/cgroup
+                ;;
+            *) continue ;;
+        esac
+        printf '%s%s\n' "$mnt" "${path%/}"
+    done </proc/self/mounts
+}
+
+# Create a child cgroup NAME under this process's cgroup in every hierarchy and append the
+# created directories to RECORD, so that remove_cgroups can take exactly those away again.
+make_cgroups() {
+    local name="$1" record="$2" parent dir f
+    while read -r parent; do
+        dir="$parent/$name"
+        mkdir -p "$dir"
+        # A v1 cpuset child starts with no CPUs and no memory nodes; inherit the parent's.
+        for f in cpuset.cpus cpuset.mems; do
+            if [[ -f "$dir/$f" && -z "$(<"$dir/$f")" ]]; then
+                cat "$parent/$f" >"$dir/$f"
+            fi
+        done
+        printf '%s\n' "$dir" >>"$record"
+    done < <(own_cgroup_dirs)
+}
+
+# Move PID into every cgroup listed in RECORD.
+attach_cgroups() {
+    local pid="$1" record="$2" dir
+    while read -r dir; do
+        printf '%s\n' "$pid" >"$dir/cgroup.procs"
+    done <"$record"
+}
+
+# Remove the cgroups listed in RECORD (and whatever the guest's systemd made below them).
+# Processes still inside are killed by pid: they can only be the sandbox's own.
+remove_cgroups() {
+    local record="$1" dir pid deadline
+    [[ -f "$record" ]] || return 0
+    deadline=$((SECONDS + 10))
+    while read -r dir; do
+        [[ -d "$dir" ]] || continue
+        while read -r pid; do
+            kill -KILL "$pid" 2>/dev/null || true
+        done < <(find "$dir" -name cgroup.procs -exec cat {} + 2>/dev/null)
+        until find "$dir" -depth -type d -exec rmdir {} + 2>/dev/null; do
+            ((SECONDS < deadline)) || { log "could not remove cgroup $dir"; break; }
+            sleep 0.2
+        done
+    done <"$record"
+    rm -f "$record"
+}
+
+# Run a command in throwaway child cgroups of every hierarchy, removed afterwards
+# (a non-booting systemd-nspawn creates cgroups next to itself and leaves them behind).
+run_in_scratch_cgroups() {
+    local name="$1" record rc=0
+    shift
+    record="$(mktemp)"
+    make_cgroups "$name" "$record"
+    (attach_cgroups "$BASHPID" "$record" && exec "$@") || rc=$?
+    remove_cgroups "$record"
+    rm -rf "/run/systemd/nspawn/propagate/$name"
+    return "$rc"
 }

@@ -77,7 +77,10 @@ def _unit_main_pids(units: list[str]) -> dict[str, int]:
     try:
         out = subprocess.run(
             ["systemctl", "show", "--property=Id,MainPID,ActiveState", "--", *units],
-            capture_output=True, text=True, timeout=10, check=False,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
         ).stdout
     except (OSError, subprocess.TimeoutExpired):
         return {}
@@ -115,11 +118,16 @@ def load_gpu() -> Gpu:
             pid = running[unit]
             apps.append(App(pid, _process_name(pid), mib))
     for entry in state.get("processes", []):
-        apps.append(App(int(entry["pid"]), str(entry.get("name", "python3")),
-                        int(entry["used_mib"])))
+        apps.append(
+            App(int(entry["pid"]), str(entry.get("name", "python3")), int(entry["used_mib"]))
+        )
     used = min(sum(a.used_mib for a in apps), TOTAL_MIB)
-    return Gpu(used_mib=used, reserved_mib=int(state.get("reserved_mib", 0)),
-               utilization=int(state.get("utilization_gpu", 0)), apps=apps)
+    return Gpu(
+        used_mib=used,
+        reserved_mib=int(state.get("reserved_mib", 0)),
+        utilization=int(state.get("utilization_gpu", 0)),
+        apps=apps,
+    )
 
 
 # field name -> (canonical name, unit, value). Aliases share the canonical name, which is what
@@ -194,9 +202,11 @@ def _csv(fields: dict, query: str, fmt: str, rows: list) -> int:
             return _invalid_field(name)
     units = "nounits" not in options
     if "noheader" not in options:
-        print(", ".join(
-            f"{fields[n][0]} [{fields[n][1]}]" if fields[n][1] else fields[n][0] for n in names
-        ))
+        print(
+            ", ".join(
+                f"{fields[n][0]} [{fields[n][1]}]" if fields[n][1] else fields[n][0] for n in names
+            )
+        )
     for row in rows:
         values = []
         for n in names:
@@ -221,27 +231,32 @@ def _table(gpu: Gpu) -> None:
     split = "+" + "-" * 41 + "+" + "-" * 22 + "+" + "-" * 22 + "+"
     print(time.strftime("%a %b %d %H:%M:%S %Y") + " " * 7)
     print(bar)
-    line(f" NVIDIA-SMI {DRIVER_VERSION:<21} Driver Version: {DRIVER_VERSION:<14}"
-         f" CUDA Version: {CUDA_VERSION}")
+    line(
+        f" NVIDIA-SMI {DRIVER_VERSION:<21} Driver Version: {DRIVER_VERSION:<14}"
+        f" CUDA Version: {CUDA_VERSION}"
+    )
     print("|" + split[1:-1] + "|")
-    cells(" GPU  Name                 Persistence-M", " Bus-Id        Disp.A",
-          " Volatile Uncorr. ECC")
-    cells(" Fan  Temp   Perf          Pwr:Usage/Cap", "         Memory-Usage",
-          " GPU-Util  Compute M.")
+    cells(
+        " GPU  Name                 Persistence-M", " Bus-Id        Disp.A", " Volatile Uncorr. ECC"
+    )
+    cells(
+        " Fan  Temp   Perf          Pwr:Usage/Cap", "         Memory-Usage", " GPU-Util  Compute M."
+    )
     cells("", "", "               MIG M.")
     print("|" + "=" * 41 + "+" + "=" * 22 + "+" + "=" * 22 + "|")
     cells(f"   0  {GPU_NAME:<30}{'On':>3}", f" {PCI_BUS_ID} Off", f"{'0':>21}")
     power = f"{'58W' if busy else '16W'} / {int(POWER_LIMIT_W)}W"
-    cells(f"{'0%':>4}{'34C' if busy else '27C':>6}{'P0' if busy else 'P8':>7}{power:>23}",
-          f"{gpu.used_mib}MiB / {TOTAL_MIB}MiB".rjust(21),
-          f"{str(gpu.utilization) + '%':>8}{'Default':>13}")
+    cells(
+        f"{'0%':>4}{'34C' if busy else '27C':>6}{'P0' if busy else 'P8':>7}{power:>23}",
+        f"{gpu.used_mib}MiB / {TOTAL_MIB}MiB".rjust(21),
+        f"{str(gpu.utilization) + '%':>8}{'Default':>13}",
+    )
     cells("", "", f"{'N/A':>21}")
     print(split)
     print(" " * (width + 2))
     print(bar)
     line(" Processes:")
-    line("  GPU   GI   CI        PID   Type   Process name"
-         + "GPU Memory".rjust(width - 48 - 1))
+    line("  GPU   GI   CI        PID   Type   Process name" + "GPU Memory".rjust(width - 48 - 1))
     line("        ID   ID" + "Usage".ljust(10).rjust(width - 15 - 1))
     print("|" + "=" * width + "|")
     if not gpu.apps:

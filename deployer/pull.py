@@ -1,0 +1,480 @@
+"""Pulling a model's weights onto the host, seen from the operator's side.
+
+The host does the transfer itself (``deployer/remote/pull_model.py``, S3 to local disk with the
+host's own credentials): the weights never pass through the operator's machine. The script is
+sent on stdin to the service venv's python (``[python, "-", ARGS...]``), so the host needs no
+copy of it and always runs the version the operator has; its arguments are plain words
+(bucket, prefix, paths, sizes), never secrets.
+
+This module builds that argv, turns the script's JSON lines into typed events for a progress
+bar, maps its failures to ``ModelSourceError``, and checks the S3 prefix from the operator's
+machine before the host is touched (``preflight_source``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import ModelSourceError, RemoteCommandFailed
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from .catalog import ModelSpec
+    from .config import Settings
+    from .ssh import Executor
+
+SCRIPT = Path(__file__).resolve().parent / "remote" / "pull_model.py"
+MIB = 1 << 20
+GIB = 1 << 30
+
+#: What the operator is told to do about each error code the script reports.
+HINTS: dict[str, str] = {
+    "not_found": "check the catalog's bucket and s3_prefix (and s3.bucket in the config)",
+    "access_denied": "the host's AWS credentials (instance profile) need s3:ListBucket and "
+    "s3:GetObject on the model's prefix",
+    "endpoint": "check s3.endpoint_url and that the host can reach S3; run again to resume",
+    "changed": "the objects changed while pulling; run again to pull the new version",
+    "source": "run again to resume; the finished parts are kept on the host",
+    "disk": "free space under remote.models_dir (old revisions, other models) or lower "
+    "policy.disk_margin_gb",
+    "io": "check that remote.models_dir exists and belongs to the service user",
+    "corrupt": "the bad file was removed from staging; run again to fetch it anew",
+    "busy": "another pull of this model is running on the host; wait for it",
+    "interrupted": "run again to resume; the finished parts are kept on the host",
+}
+
+
+@dataclass(frozen=True)
+class PullRequest:
+    """Everything the host-side script needs; all of it is safe to show and log."""
+
+    bucket: str
+    prefix: str
+    models_dir: str
+    name: str
+    revision: str | None = None
+    endpoint_url: str | None = None
+    region: str | None = None
+    concurrency: int = 16
+    part_size: int = 64 * MIB
+    disk_margin_bytes: int = 2 * GIB
+    max_rate: int | None = None
+    retries: int = 4
+    progress_interval: float = 0.5
+    verify_only: bool = False
+
+    def args(self) -> list[str]:
+        argv = [
+            "--bucket", self.bucket,
+            "--prefix", self.prefix,
+            "--models-dir", self.models_dir,
+            "--name", self.name,
+            "--concurrency", str(self.concurrency),
+            "--part-size", str(self.part_size),
+            "--disk-margin-bytes", str(self.disk_margin_bytes),
+            "--retries", str(self.retries),
+            "--progress-interval", str(self.progress_interval),
+        ]  # fmt: skip
+        if self.revision:
+            argv += ["--revision", self.revision]
+        if self.endpoint_url:
+            argv += ["--endpoint-url", self.endpoint_url]
+        if self.region:
+            argv += ["--region", self.region]
+        if self.max_rate:
+            argv += ["--max-rate", str(self.max_rate)]
+        if self.verify_only:
+            argv.append("--verify-only")
+        return argv
+
+
+def venv_python(settings: Settings) -> str:
+    """The service venv's python on the host: it has boto3 (the ``server`` extra)."""
+    return f"{settings.remote.service_dir}/venv/bin/python"
+
+
+def pull_request(
+    settings: Settings, spec: ModelSpec, *, bucket: str, revision: str | None = None, **kw: Any
+) -> PullRequest:
+    """The request for one catalog model under the operator's settings."""
+    return PullRequest(
+        bucket=settings.s3.bucket or bucket,
+        prefix=spec.s3_prefix,
+        models_dir=settings.remote.models_dir,
+        name=spec.name,
+        revision=revision or spec.revision,
+        endpoint_url=settings.s3.endpoint_url,
+        region=settings.s3.region,
+        disk_margin_bytes=int(settings.policy.disk_margin_gb * GIB),
+        **kw,
+    )
+
+
+def pull_argv(python: str, request: PullRequest) -> list[str]:
+    """``[python, "-", ARGS]``: the script itself goes on stdin (``script_source()``)."""
+    return [python, "-", *request.args()]
+
+
+def script_source() -> str:
+    return SCRIPT.read_text(encoding="utf-8")
+
+
+def model_path(models_dir: str, name: str, revision: str) -> str:
+    return f"{models_dir}/{name}/{revision}"
+
+
+# ------------------------------------------------------------------------------- events
+
+
+@dataclass(frozen=True)
+class PullStarted:
+    name: str
+    revision: str
+    files: int
+    total: int
+    to_fetch: int
+    resumed_bytes: int
+    staging: str
+
+
+@dataclass(frozen=True)
+class PullProgress:
+    bytes: int
+    total: int
+    fetched: int
+    rate_bps: int
+    eta_s: float | None
+    files_done: int
+    files: int
+
+
+@dataclass(frozen=True)
+class PullFileVerified:
+    path: str
+    size: int
+    verified_by: str
+
+
+@dataclass(frozen=True)
+class PullWarning:
+    message: str
+
+
+@dataclass(frozen=True)
+class PullResult:
+    """The ``done`` event: where the model now is and what it took."""
+
+    status: str  # pulled | present | verified
+    name: str
+    revision: str
+    path: str
+    total: int
+    files: int
+    fetched_bytes: int
+    resumed_bytes: int
+    elapsed_s: float
+    rate_bps: int
+    unverified: tuple[str, ...] = ()
+    message: str = ""
+
+    @property
+    def already_present(self) -> bool:
+        return self.status == "present"
+
+
+@dataclass(frozen=True)
+class PullFailed:
+    code: str
+    message: str
+    staging: str | None = None
+
+
+PullEvent = PullStarted | PullProgress | PullFileVerified | PullWarning | PullResult | PullFailed
+EventCallback = Callable[[PullEvent], None]
+
+_EVENT_TYPES: dict[str, type] = {
+    "start": PullStarted,
+    "progress": PullProgress,
+    "file": PullFileVerified,
+    "warning": PullWarning,
+    "done": PullResult,
+    "error": PullFailed,
+}
+
+
+def parse_event(line: str) -> PullEvent | None:
+    """One JSON line of the script as a typed event; None for anything else."""
+    line = line.strip()
+    if not line.startswith("{"):
+        return None
+    try:
+        data = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(data, dict):
+        return None
+    kind = _EVENT_TYPES.get(str(data.pop("event", "")))
+    if kind is None:
+        return None
+    known = kind.__dataclass_fields__
+    values = {k: v for k, v in data.items() if k in known}
+    if "unverified" in values:
+        values["unverified"] = tuple(values["unverified"] or ())
+    try:
+        return kind(**values)  # type: ignore[no-any-return]
+    except TypeError:
+        return None
+
+
+@dataclass
+class PullEventStream:
+    """Feeds the script's stdout lines (``Executor.run(on_output=...)``) to a callback."""
+
+    callback: EventCallback | None = None
+    result: PullResult | None = None
+    failure: PullFailed | None = None
+    warnings: list[str] = field(default_factory=list)
+    other: list[str] = field(default_factory=list)
+
+    def feed(self, line: str) -> None:
+        event = parse_event(line)
+        if event is None:
+            if line.strip():
+                self.other.append(line.rstrip()[-500:])
+            return
+        if isinstance(event, PullResult):
+            self.result = event
+        elif isinstance(event, PullFailed):
+            self.failure = event
+        elif isinstance(event, PullWarning):
+            self.warnings.append(event.message)
+        if self.callback is not None:
+            self.callback(event)
+
+
+def failure_error(failure: PullFailed) -> ModelSourceError:
+    hint = HINTS.get(failure.code)
+    if failure.staging and failure.code not in ("disk", "not_found", "access_denied"):
+        hint = f"{hint}; partial data kept in {failure.staging}" if hint else None
+    return ModelSourceError(f"pulling the model failed: {failure.message}", hint=hint)
+
+
+def run_pull(
+    executor: Executor,
+    request: PullRequest,
+    *,
+    python: str,
+    on_event: EventCallback | None = None,
+    sudo: bool = False,
+    timeout: float | None = None,
+) -> PullResult:
+    """Run the pull on the host; the ``done`` event, or ModelSourceError/RemoteCommandFailed.
+
+    The script runs as the SSH user (who owns ``models_dir`` on a prepared host); ``sudo``
+    runs it as root instead, e.g. while the directory still belongs to root.
+    """
+    stream = PullEventStream(on_event)
+    result = executor.run(
+        pull_argv(python, request),
+        sudo=sudo,
+        check=False,
+        stdin=script_source(),
+        timeout=timeout,
+        on_output=stream.feed,
+        what=f"pull {request.name}",
+    )
+    if stream.result is None and stream.failure is None:
+        # An executor that does not stream still returns stdout: parse it after the fact.
+        for line in result.stdout.splitlines():
+            stream.feed(line)
+    if result.ok and stream.result is not None:
+        return stream.result
+    if stream.failure is not None:
+        raise failure_error(stream.failure)
+    raise RemoteCommandFailed(result, what=f"pull {request.name}")
+
+
+# ------------------------------------------------------------------------ progress bar
+
+
+class PullProgressBar:
+    """An ``EventCallback`` drawing a Rich progress bar; use it as a context manager."""
+
+    def __init__(self, console: Console | None = None, *, label: str = "pull") -> None:
+        self._console = console
+        self._label = label
+        self._progress: Any = None
+        self._task: Any = None
+
+    def __enter__(self) -> PullProgressBar:
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+
+        self._progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            DownloadColumn(binary_units=True),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            console=self._console,
+            transient=False,
+        )
+        self._progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.__exit__(*exc)
+
+    def __call__(self, event: PullEvent) -> None:
+        progress = self._progress
+        if progress is None:
+            return
+        if isinstance(event, PullStarted):
+            self._task = progress.add_task(
+                f"{self._label} {event.name}@{event.revision}",
+                total=event.total,
+                completed=event.resumed_bytes,
+            )
+        elif isinstance(event, PullProgress) and self._task is not None:
+            progress.update(self._task, completed=event.bytes, total=event.total)
+        elif isinstance(event, PullWarning):
+            progress.console.print(f"[yellow]warning:[/] {event.message}")
+        elif isinstance(event, PullResult):
+            if self._task is not None:
+                progress.update(self._task, completed=event.total)
+            progress.console.print(event.message)
+
+
+# --------------------------------------------------------------------------- preflight
+
+
+@dataclass(frozen=True)
+class SourceSummary:
+    bucket: str
+    prefix: str
+    objects: int
+    total_bytes: int
+
+    @property
+    def url(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}"
+
+
+def s3_client(*, region: str | None = None, endpoint_url: str | None = None) -> Any:
+    import boto3  # lazy: keeps `deploy-model --help` fast
+
+    return boto3.session.Session().client("s3", region_name=region, endpoint_url=endpoint_url)
+
+
+def _source_error(exc: Exception, url: str) -> ModelSourceError:
+    from botocore.exceptions import (
+        BotoCoreError,
+        ClientError,
+        EndpointConnectionError,
+        NoCredentialsError,
+    )
+
+    if isinstance(exc, NoCredentialsError):
+        return ModelSourceError(
+            f"cannot check {url}: no AWS credentials on this machine",
+            hint="configure AWS credentials (or a profile) for the operator, or skip the check",
+        )
+    if isinstance(exc, ClientError):
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if code == "NoSuchBucket":
+            return ModelSourceError(f"{url}: the bucket does not exist", hint=HINTS["not_found"])
+        if code in ("AccessDenied", "403", "Forbidden", "InvalidAccessKeyId") or status == 403:
+            return ModelSourceError(
+                f"{url}: access denied ({code})",
+                hint="the credentials need s3:ListBucket and s3:GetObject on the prefix",
+            )
+        if code in ("NoSuchKey", "404", "NotFound") or status == 404:
+            return ModelSourceError(f"{url}: not found ({code})", hint=HINTS["not_found"])
+        return ModelSourceError(f"{url}: S3 error {code or status}")
+    if isinstance(exc, EndpointConnectionError | BotoCoreError):
+        return ModelSourceError(f"cannot check {url}: {exc}", hint=HINTS["endpoint"])
+    raise exc
+
+
+def preflight_source(
+    bucket: str,
+    prefix: str,
+    *,
+    region: str | None = None,
+    endpoint_url: str | None = None,
+    client: Any = None,
+) -> SourceSummary:
+    """Check, from the operator's machine, that ``s3://bucket/prefix`` holds readable objects.
+
+    Lists the prefix (s3:ListBucket) and HEADs its first object (s3:GetObject). Missing,
+    empty or denied raises ``ModelSourceError`` naming the bucket and prefix. The host pulls
+    with its own credentials; this only catches a wrong catalog entry before anything changes.
+    """
+    url = f"s3://{bucket}/{prefix}"
+    s3 = client if client is not None else s3_client(region=region, endpoint_url=endpoint_url)
+    count = 0
+    total = 0
+    first: str | None = None
+    try:
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            for item in page.get("Contents", []):
+                if item["Key"].endswith("/"):
+                    continue
+                count += 1
+                total += int(item["Size"])
+                first = first or item["Key"]
+        if first is None:
+            raise ModelSourceError(f"no objects under {url}", hint=HINTS["not_found"])
+        s3.head_object(Bucket=bucket, Key=first)
+    except ModelSourceError:
+        raise
+    except Exception as exc:
+        raise _source_error(exc, url) from None
+    return SourceSummary(bucket, prefix, count, total)
+
+
+def describe(result: PullResult) -> str:
+    """One line for the plan/apply output."""
+    if result.already_present:
+        return f"{result.name}@{result.revision} already on the host ({result.path})"
+    fetched = result.fetched_bytes / GIB
+    return (
+        f"{result.name}@{result.revision} pulled to {result.path}: {fetched:.2f} GiB in "
+        f"{result.elapsed_s:.0f} s"
+        + (f" (resumed {result.resumed_bytes / GIB:.2f} GiB)" if result.resumed_bytes else "")
+    )
+
+
+__all__ = (
+    "PullEvent",
+    "PullEventStream",
+    "PullFailed",
+    "PullFileVerified",
+    "PullProgress",
+    "PullProgressBar",
+    "PullRequest",
+    "PullResult",
+    "PullStarted",
+    "PullWarning",
+    "SourceSummary",
+    "parse_event",
+    "preflight_source",
+    "pull_argv",
+    "pull_request",
+    "run_pull",
+    "script_source",
+    "venv_python",
+)

@@ -1,0 +1,88 @@
+"""The FastAPI application: built once from settings, with an engine and a lifespan.
+
+On startup the lifespan starts loading the model on a background thread, so ``/health`` answers
+503 ``loading`` (and ``/status`` ``loading``) until the model is loaded and warmed up. On
+shutdown (after uvicorn has drained or cancelled open requests) it stops the engine, giving
+running sequences up to ``ASOBA_SHUTDOWN_TIMEOUT`` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from remote_service import SERVICE_NAME, __version__
+from remote_service.access_log import AccessLogMiddleware
+from remote_service.api import routes_generate, routes_health, routes_openai
+from remote_service.api.errors import install_error_handlers
+from remote_service.api.serving import Serving
+from remote_service.engine import Engine, EngineLoadError, build_engine
+from remote_service.metrics import Metrics
+from remote_service.settings import Settings
+
+log = logging.getLogger(__name__)
+_ENGINE_GRACE_S = 2.0
+
+
+def _load_in_background(engine: Engine, metrics: Metrics) -> threading.Thread:
+    def load() -> None:
+        started = time.perf_counter()
+        try:
+            engine.load()
+        except EngineLoadError as exc:
+            log.error("model load failed: %s", exc)
+            return
+        except Exception:
+            log.exception("model load failed")
+            return
+        metrics.model_load.set(engine.info.load_time_s or time.perf_counter() - started)
+        metrics.ready.set(1)
+
+    thread = threading.Thread(target=load, name="model-load", daemon=True)
+    thread.start()
+    return thread
+
+
+def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
+    """Build the app. ``engine`` defaults to the one ``settings.backend`` names."""
+    metrics = Metrics(settings.served_model_name)
+    if engine is None:
+        engine = build_engine(settings, observer=metrics)
+    metrics.track_engine(engine.stats)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.loader = _load_in_background(engine, metrics)
+        try:
+            yield
+        finally:
+            # uvicorn has already waited up to ASOBA_SHUTDOWN_TIMEOUT for open requests and
+            # cancelled the rest, so only a short grace is left for the engine itself.
+            grace = min(_ENGINE_GRACE_S, settings.shutdown_timeout)
+            log.info("stopping the engine")
+            await asyncio.to_thread(engine.shutdown, grace)
+            metrics.ready.set(0)
+
+    app = FastAPI(
+        title=SERVICE_NAME,
+        version=__version__,
+        description="LLM inference: /generate, OpenAI-compatible /v1, /health, /status, /metrics",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.metrics = metrics
+    app.state.serving = Serving(engine, settings)
+    app.state.started_at = time.time()
+    install_error_handlers(app)
+    app.include_router(routes_health.router)
+    app.include_router(routes_generate.router)
+    app.include_router(routes_openai.router)
+    app.add_middleware(AccessLogMiddleware, metrics=metrics)
+    return app

@@ -1,0 +1,362 @@
+"""Continuous batching on a dedicated worker thread.
+
+The event loop never runs the model. ``submit`` puts a request on a bounded wait queue (or raises
+at once when it is full) and returns a :class:`DeltaStream`. The worker thread loops:
+
+1. drop sequences whose client went away (their slot frees at once);
+2. admit waiting requests into free slots (up to ``max_num_seqs``) and prefill them together;
+3. run one decode step for every running sequence as one batch;
+4. turn each new token into text (stop sequences, EOS, length) and hand it to the event loop
+   with ``call_soon_threadsafe``.
+
+New requests join between decode steps, finished ones leave, so the batch is continuous. The
+model-specific work (KV cache, sampling) lives behind :class:`BatchRunner`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Collection, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from remote_service.engine.base import (
+    Delta,
+    EngineNotReadyError,
+    EngineObserver,
+    EngineStats,
+    GenerationRequest,
+    QueueFullError,
+)
+from remote_service.engine.text import IncrementalDecoder, StopMatcher
+
+log = logging.getLogger(__name__)
+
+_MAX_CONSECUTIVE_FAILURES = 3
+_RATE_WINDOW_S = 5.0
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request in flight. Identity (not value) equality: runners key rows on it."""
+
+    request: GenerationRequest
+    deliver: Callable[[Delta], None]
+    decoder: IncrementalDecoder
+    stop: StopMatcher
+    arrived: float = field(default_factory=time.perf_counter)
+    generated: list[int] = field(default_factory=list)
+    cancelled: bool = False
+    admitted: float | None = None
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    runner_state: Any = None  # e.g. a seeded torch.Generator
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.request.prompt_ids)
+
+    @property
+    def last_token(self) -> int:
+        return self.generated[-1] if self.generated else self.request.prompt_ids[-1]
+
+    @property
+    def all_ids(self) -> list[int]:
+        return [*self.request.prompt_ids, *self.generated]
+
+
+class BatchRunner(Protocol):
+    """Model side of the batch. Called from the worker thread only."""
+
+    def prefill(self, seqs: list[Sequence]) -> list[int]:
+        """Add ``seqs`` to the running batch; return each one's first sampled token."""
+        ...
+
+    def decode(self) -> list[tuple[Sequence, int]]:
+        """One step for every sequence in the batch: (sequence, next token) pairs."""
+        ...
+
+    def release(self, seqs: Collection[Sequence]) -> None:
+        """Remove finished or cancelled sequences from the batch."""
+        ...
+
+    def reset(self) -> None:
+        """Forget the whole batch (after a failure)."""
+        ...
+
+
+class DeltaStream:
+    """Async iterator over one request's deltas. ``close`` (or leaving early) frees its slot."""
+
+    def __init__(
+        self, seq: Sequence, queue: asyncio.Queue[Delta], wake: Callable[[], None]
+    ) -> None:
+        self._seq = seq
+        self._queue = queue
+        self._wake = wake
+        self._done = False
+
+    def __aiter__(self) -> DeltaStream:
+        return self
+
+    async def __anext__(self) -> Delta:
+        if self._done:
+            raise StopAsyncIteration
+        delta = await self._queue.get()
+        if delta.finish_reason is not None:
+            self._done = True
+            self.close()
+        return delta
+
+    async def aclose(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Cancel the request unless it already finished; safe to call more than once."""
+        self._done = True
+        if not self._seq.cancelled:
+            self._seq.cancelled = True
+            self._wake()
+
+
+class BatchScheduler:
+    """Owns the wait queue, the worker thread and the per-request plumbing."""
+
+    def __init__(
+        self,
+        runner: BatchRunner,
+        *,
+        decode: Callable[[list[int]], str],
+        eos_ids: Iterable[int],
+        max_num_seqs: int,
+        max_queue: int,
+        max_model_len: int,
+        max_prefill_tokens: int = 8192,
+        observer: EngineObserver | None = None,
+        name: str = "engine",
+    ) -> None:
+        self._runner = runner
+        self._decode = decode
+        self._eos = frozenset(eos_ids)
+        self._max_num_seqs = max_num_seqs
+        self._max_queue = max_queue
+        self._max_model_len = max_model_len
+        self._max_prefill_tokens = max_prefill_tokens
+        self._observer = observer
+        self._cond = threading.Condition()
+        self._waiting: collections.deque[Sequence] = collections.deque()
+        self._running: list[Sequence] = []
+        self._accepting = False
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name=f"{name}-worker", daemon=True)
+        self.fatal_error: str | None = None
+        self._finished = 0
+        self._tokens = 0
+        self._recent: collections.deque[tuple[float, int]] = collections.deque()
+
+    # --- event-loop side --------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._accepting = True
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self.fatal_error is None
+
+    def stats(self) -> EngineStats:
+        now = time.perf_counter()
+        recent = [n for t, n in list(self._recent) if now - t <= _RATE_WINDOW_S]
+        return EngineStats(
+            running=len(self._running),
+            waiting=len(self._waiting),
+            requests_finished=self._finished,
+            tokens_generated=self._tokens,
+            tokens_per_s=round(sum(recent) / _RATE_WINDOW_S, 2),
+        )
+
+    def submit(self, request: GenerationRequest) -> DeltaStream:
+        """Queue ``request``; raise at once if it cannot be taken. Call from the event loop."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Delta] = asyncio.Queue()
+
+        def deliver(delta: Delta) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening
+                loop.call_soon_threadsafe(queue.put_nowait, delta)
+
+        seq = Sequence(
+            request=request,
+            deliver=deliver,
+            decoder=IncrementalDecoder(self._decode, request.prompt_ids),
+            stop=StopMatcher(request.params.stop),
+        )
+        with self._cond:
+            if not self._accepting or not self.alive:
+                raise EngineNotReadyError(
+                    self.fatal_error or "the engine is not accepting requests"
+                )
+            free = max(0, self._max_num_seqs - len(self._running))
+            if len(self._waiting) >= self._max_queue + free:
+                raise QueueFullError(
+                    f"server busy: {len(self._running)} running, {len(self._waiting)} waiting",
+                    retry_after_s=1,
+                )
+            self._waiting.append(seq)
+            self._cond.notify()
+        return DeltaStream(seq, queue, self._wake)
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify()
+
+    def shutdown(self, timeout: float) -> None:
+        """Refuse new work, let running sequences finish for ``timeout`` s, then abort the rest."""
+        with self._cond:
+            self._accepting = False
+            self._cond.notify()
+        deadline = time.monotonic() + timeout
+        while (self._running or self._waiting) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+
+    # --- worker side ------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        failures = 0
+        while True:
+            with self._cond:
+                while not self._stop and not self._waiting and not self._running:
+                    self._cond.wait(timeout=0.5)
+                if self._stop:
+                    break
+            try:
+                self._step()
+                failures = 0
+            except Exception as exc:  # a device error: fail the batch, keep serving
+                failures += 1
+                log.exception("generation step failed")
+                self._fail_running(f"generation failed: {type(exc).__name__}: {exc}")
+                if failures >= _MAX_CONSECUTIVE_FAILURES:
+                    self.fatal_error = f"engine stopped after repeated failures: {exc}"
+                    break
+        self._abort_all("server shutting down" if self.fatal_error is None else self.fatal_error)
+
+    def _step(self) -> None:
+        self._drop_cancelled()
+        admitted = self._admit()
+        if admitted:
+            self._running.extend(admitted)
+            now = time.perf_counter()
+            for seq in admitted:
+                seq.admitted = now
+            first = self._runner.prefill(admitted)
+            self._emit([(s, t) for s, t in zip(admitted, first, strict=True) if not s.cancelled])
+        if self._running:
+            self._emit(self._runner.decode())
+
+    def _admit(self) -> list[Sequence]:
+        admitted: list[Sequence] = []
+        budget = self._max_prefill_tokens
+        with self._cond:
+            while self._waiting and len(self._running) + len(admitted) < self._max_num_seqs:
+                seq = self._waiting[0]
+                if seq.cancelled:
+                    self._waiting.popleft()
+                    continue
+                if admitted and seq.prompt_len > budget:
+                    break
+                budget -= seq.prompt_len
+                admitted.append(self._waiting.popleft())
+        return admitted
+
+    def _drop_cancelled(self) -> None:
+        gone = [s for s in self._running if s.cancelled]
+        if gone:
+            self._finish_many(gone, "abort")
+
+    def _emit(self, pairs: list[tuple[Sequence, int]]) -> None:
+        now = time.perf_counter()
+        done: list[tuple[Sequence, str]] = []
+        for seq, token in pairs:
+            if seq.cancelled:  # the client left; the next step drops it from the batch
+                continue
+            reason = self._on_token(seq, token, now)
+            if reason is not None:
+                done.append((seq, reason))
+        self._tokens += len(pairs)
+        self._recent.append((now, len(pairs)))
+        while self._recent and now - self._recent[0][0] > _RATE_WINDOW_S:
+            self._recent.popleft()
+        if done:
+            self._runner.release([s for s, _ in done])
+            self._running = [s for s in self._running if all(s is not d for d, _ in done)]
+
+    def _on_token(self, seq: Sequence, token: int, now: float) -> str | None:
+        """Record ``token`` for ``seq``, deliver its text; return a finish reason if it is done."""
+        obs = self._observer
+        if seq.first_token_at is None:
+            seq.first_token_at = now
+            if obs:
+                obs.first_token(now - seq.arrived)
+        elif obs and seq.last_token_at is not None:
+            obs.inter_token(now - seq.last_token_at)
+        seq.last_token_at = now
+        params = seq.request.params
+        if token in self._eos and not params.ignore_eos:
+            return self._finish(seq, "stop", extra=seq.decoder.flush() + seq.stop.flush())
+        seq.generated.append(token)
+        text, hit = seq.stop.feed(seq.decoder.push(token))
+        if hit:
+            return self._finish(seq, "stop", extra=text)
+        n = len(seq.generated)
+        if n >= params.max_tokens or seq.prompt_len + n >= self._max_model_len:
+            tail = seq.stop.feed(seq.decoder.flush())[0]
+            return self._finish(seq, "length", extra=text + tail + seq.stop.flush())
+        if text:
+            seq.deliver(Delta(text, n, seq.prompt_len))
+        return None
+
+    def _finish(self, seq: Sequence, reason: str, extra: str = "", error: str | None = None) -> str:
+        seq.deliver(Delta(extra, len(seq.generated), seq.prompt_len, reason, error))
+        seq.cancelled = True  # marks it done for the iterator's cleanup
+        self._finished += 1
+        if self._observer:
+            end = time.perf_counter()
+            queued = (seq.admitted or end) - seq.arrived
+            self._observer.finished(
+                reason, seq.prompt_len, len(seq.generated), end - seq.arrived, queued
+            )
+        return reason
+
+    def _finish_many(self, seqs: list[Sequence], reason: str, error: str | None = None) -> None:
+        for seq in seqs:
+            self._finish(seq, reason, error=error)
+        with contextlib.suppress(Exception):
+            self._runner.release(seqs)
+        self._running = [s for s in self._running if all(s is not d for d in seqs)]
+
+    def _fail_running(self, message: str) -> None:
+        seqs, self._running = self._running, []
+        for seq in seqs:
+            self._finish(seq, "error", error=message)
+        with contextlib.suppress(Exception):
+            self._runner.reset()
+
+    def _abort_all(self, message: str) -> None:
+        with self._cond:
+            waiting, self._waiting = list(self._waiting), collections.deque()
+            self._accepting = False
+        for seq in [*self._running, *waiting]:
+            self._finish(seq, "abort", error=message)
+        self._running = []
+        with contextlib.suppress(Exception):
+            self._runner.reset()
