@@ -1,15 +1,17 @@
 """One deploy at a time per host: an atomic lock directory in the deployer's state dir.
 
 Taking the lock is one ``rename(2)``: the holder's ``info.json`` is written into a fresh
-directory ``<state_dir>/lock.<token>``, which is then renamed to ``<state_dir>/lock`` with
+directory ``<state_dir>/lock.new-<token>``, which is then renamed to ``<state_dir>/lock`` with
 ``mv -T``. A rename onto a directory that exists and is not empty fails, so exactly one of
 several racing operators wins, and a lock is never visible without its holder's details
 (the classic ``mkdir lock`` then "write details" leaves a moment when it is).
 
 ``info.json`` names the holder: ``user@machine``, the operator's pid, when, the command, and a
-random token. Every change of an existing lock (release, break, stale recovery) first renames
-the lock aside, then checks the token of what it moved; something else moved by mistake (a
-lock taken in between) is put back. So ``release()`` only ever removes our own lock.
+random token. Removing a lock (release, break, stale recovery) first renames it aside, then
+checks the token of what it moved; anything else moved by mistake is put back, so
+``release()`` only ever removes our own lock. Breakers also hold ``lock.breaking`` (a plain
+``mkdir`` lock) while they check and remove, so concurrent recoveries of one stale lock cannot
+remove the fresh lock one of them just took.
 
 Stale locks: when the holder is this same machine and its pid is gone, the lock is taken over
 with a warning. A lock from another machine is never guessed dead: ``force=True`` (the CLI's
@@ -160,15 +162,14 @@ class HostLock:
         current = self.read(path)
         return current is not None and current.token == self.info.token
 
-    def _remove_if(self, expected_token: str | None) -> bool:
-        """Remove the lock when its token is ``expected_token`` (any when None); atomically
-        enough: rename aside, check, then delete or put back."""
+    def _remove_if(self, expected_token: str) -> bool:
+        """Remove the lock if its token is ``expected_token``: rename it aside, check what was
+        moved, then delete it, or put it back when it was not the one we meant."""
         aside = self._aside("remove")
         if not self._run(commands.move(self.path, aside), check=False).ok:
-            return False  # nothing there (or not ours to move)
+            return False  # nothing there
         moved = self.read(aside)
-        if expected_token is not None and (moved is None or moved.token != expected_token):
-            # We moved someone else's fresh lock: put it back where it was.
+        if moved is None or moved.token != expected_token:
             if not self._run(commands.move(aside, self.path), check=False).ok:
                 self.warn(
                     f"the lock of {moved.describe() if moved else 'another deploy'} was "
@@ -178,12 +179,36 @@ class HostLock:
         self._run(commands.remove_tree(aside), check=False)
         return True
 
+    def _break(self, expected: LockInfo) -> bool | None:
+        """Remove the lock if it still is ``expected``; None while another breaker works.
+
+        Breakers take a second lock (``lock.breaking``, plain ``mkdir``) first, so two
+        operators recovering the same stale lock cannot remove each other's fresh one. A
+        breaker lock older than a minute is itself stale (breaking takes a second).
+        """
+        breaker = f"{self.path}.breaking"
+        if not self._run(["mkdir", breaker], check=False).ok:
+            old = self._run(["find", breaker, "-maxdepth", "0", "-mmin", "+1"], check=False)
+            if not old.stdout.strip():
+                return None
+            self._run(commands.remove_tree(breaker), check=False)
+            if not self._run(["mkdir", breaker], check=False).ok:
+                return None
+        try:
+            current = self.read()
+            if current is None or current.token != expected.token:
+                return False
+            return self._remove_if(expected.token)
+        finally:
+            self._run(["rmdir", breaker], check=False)
+
     # -- the API ---------------------------------------------------------------------------
 
     def acquire(self, *, wait_s: float = 0.0, poll_s: float = 2.0, force: bool = False) -> None:
         """Take the lock, waiting up to ``wait_s``; ``LockHeld`` names the holder otherwise."""
         deadline = time.monotonic() + max(0.0, wait_s)
         free_but_failed = 0
+        warned: set[str] = set()
         while True:
             if self._try_take():
                 self.held = True
@@ -197,9 +222,12 @@ class HostLock:
                     raise DeployError(f"cannot create the host lock {self.path}")
                 continue
             if self._stale(current) or force:
-                verb = "taking over stale" if not force else "breaking"
-                self.warn(f"{verb} host lock held by {current.describe()}")
-                self._remove_if(current.token if current.token else None)
+                if current.token not in warned:
+                    warned.add(current.token)
+                    verb = "breaking" if force else "taking over stale"
+                    self.warn(f"{verb} host lock held by {current.describe()}")
+                if self._break(current) is None:
+                    time.sleep(min(0.1, poll_s))  # another operator is breaking it right now
                 continue
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -253,6 +281,11 @@ def break_lock(
     current = lock.read()
     if current is None:
         return None
-    if not lock._remove_if(expected_token if expected_token is not None else current.token or None):
-        raise DeployError("the host lock changed while breaking it; check `lock status` again")
+    if expected_token is not None and current.token != expected_token:
+        raise DeployError(f"the host lock is now held by {current.describe()}; not breaking it")
+    outcome = lock._break(current)
+    if outcome is None:
+        raise DeployError("another operator is breaking the host lock right now")
+    if not outcome:
+        raise DeployError("the host lock changed while breaking it; check its status again")
     return current

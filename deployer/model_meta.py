@@ -473,7 +473,7 @@ class S3MetadataReader:
         head = self._get(key, f"bytes=0-{HEADER_PROBE_BYTES - 1}")
         requests, read = 1, len(head)
         length = header_length(head)
-        if 8 + length > len(head):
+        if 8 + length > len(head) == HEADER_PROBE_BYTES:  # a short read: the file ended
             rest = self._get(key, f"bytes={len(head)}-{8 + length - 1}")
             requests, read = 2, read + len(rest)
             head += rest

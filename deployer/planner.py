@@ -203,8 +203,9 @@ class Plan(_Data):
 
     def refusal_message(self) -> str:
         """One line: why nothing fits."""
-        core = [r for r in self.reasons if r.startswith("refuse")]
-        return core[-1] if core else (self.reasons[-1] if self.reasons else "refused")
+        core = [r for r in self.reasons if r.startswith("refuse: ")]
+        text = core[-1] if core else (self.reasons[-1] if self.reasons else "refused")
+        return text.removeprefix("refuse: ").removeprefix("nothing fits; ")
 
     def still_holds(self, facts: HostFacts) -> list[str]:
         """What moved since the plan in a way that matters; empty: apply may go on.
@@ -518,18 +519,18 @@ def _place(
         short = _shortfalls(need, room.usable)
         conflict = port_conflict(facts, port, placement, policy)
         if not short and conflict is None:
-            verdict = (
-                f"{label} fits {where}: GPU {gb(need.gpu_bytes):.1f} <= "
+            fits = (
+                f"fits {where}: GPU {gb(need.gpu_bytes):.1f} <= "
                 f"{gb(room.usable.gpu_bytes):.1f} GB ({_room_text(room, policy)}), "
                 f"RAM {gb(need.ram_bytes):.1f} <= {gb(room.usable.ram_bytes):.1f} GB, "
                 f"disk {gb(need.disk_bytes):.1f} <= {gb(room.usable.disk_bytes):.1f} GB"
             )
-            return placement, verdict, room
+            return placement, f"{label}: " + "; ".join([*failures, fits]), room
         why = [f"{w} {n:.1f} > {h:.1f} GB" for w, n, h in short]
         if conflict:
             why.append(conflict)
-        failures.append(f"{where}: " + ", ".join(why))
-    return "refuse", f"{label} does not fit: " + "; ".join(failures), None
+        failures.append(f"does not fit {where} (" + ", ".join(why) + ")")
+    return "refuse", f"{label}: " + "; ".join(failures), None
 
 
 # --------------------------------------------------------------------------- plan

@@ -82,11 +82,18 @@ def parse_probe_output(result: CommandResult, *, python: str = "python3") -> Hos
 
 
 def inspect_host(
-    executor: Executor, remote: RemoteConfig, *, timeout: float = PROBE_TIMEOUT_S
+    executor: Executor,
+    remote: RemoteConfig,
+    *,
+    timeout: float = PROBE_TIMEOUT_S,
+    command_timeout: float = COMMAND_TIMEOUT_S,
 ) -> HostFacts:
     """Measure the host through ``executor`` (one command). Raises ``ProbeError``; connection
     failures come from the executor as ``ConnectError``."""
     result = executor.run(
-        probe_command(remote), check=False, timeout=timeout, what="host probe"
+        probe_command(remote, command_timeout=command_timeout),
+        check=False,
+        timeout=timeout,
+        what="host probe",
     )
     return parse_probe_output(result, python=remote.python)

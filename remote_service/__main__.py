@@ -3,7 +3,9 @@
 Exit status 2 means the settings cannot work on this host (the reason is printed as one line,
 no traceback): systemd should not restart on it (``RestartPreventExitStatus=2``). Logs go to
 stdout, so the journal collects them. SIGTERM drains open requests for up to
-``ASOBA_SHUTDOWN_TIMEOUT`` seconds, then cancels what is left and exits.
+``ASOBA_SHUTDOWN_TIMEOUT`` seconds, then aborts what is left and exits; uvicorn re-raises the
+signal after its clean shutdown, so the exit reads as "killed by SIGTERM", which systemd
+counts as a clean stop.
 """
 
 from __future__ import annotations
@@ -11,9 +13,16 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 from collections.abc import Mapping, Sequence
+from types import FrameType
+
+import uvicorn
+
+from remote_service.engine.base import Engine
 
 EXIT_CONFIG = 2
+_UVICORN_EXTRA_GRACE_S = 5
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -63,22 +72,45 @@ def main(environ: Mapping[str, str] | None = None) -> int:
             plan.quantization,
         )
 
-    import uvicorn
-
     from remote_service.app import create_app
 
+    app = create_app(settings)
     config = uvicorn.Config(
-        create_app(settings),
+        app,
         host=settings.host,
         port=settings.port,
         log_config=None,
         access_log=False,
-        timeout_graceful_shutdown=max(1, round(settings.shutdown_timeout)),
+        # A backstop only: the engine ends open requests cleanly before this runs out.
+        timeout_graceful_shutdown=round(settings.shutdown_timeout) + _UVICORN_EXTRA_GRACE_S,
         lifespan="on",
     )
-    server = uvicorn.Server(config)
+    server = DrainingServer(config, engine=app.state.engine, grace=settings.shutdown_timeout)
     server.run()
     return 0 if server.started else 1
+
+
+class DrainingServer(uvicorn.Server):
+    """On SIGTERM/SIGINT, also tell the engine to drain: running sequences get ``grace``
+    seconds to finish, then are aborted, so open streams end with an error event and
+    ``[DONE]`` instead of a cut connection, and uvicorn's own wait ends early."""
+
+    def __init__(self, config: uvicorn.Config, *, engine: Engine, grace: float) -> None:
+        super().__init__(config)
+        self._engine = engine
+        self._grace = grace
+        self._draining = False
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if not self._draining:
+            self._draining = True
+            logging.getLogger("remote_service").info(
+                "signal %d: draining for up to %.0fs", sig, self._grace
+            )
+            threading.Thread(
+                target=self._engine.shutdown, args=(self._grace,), name="drain", daemon=True
+            ).start()
+        super().handle_exit(sig, frame)
 
 
 if __name__ == "__main__":

@@ -134,7 +134,7 @@ def parse_gpu_csv(text):
             raise ValueError(f"unexpected nvidia-smi line: {line!r}")
         # A GPU name may itself contain a comma: the numeric fields are the last four.
         index, uuid = cells[0], cells[1]
-        name = ",".join(cells[2:-4]).strip()
+        name = ", ".join(cells[2:-4])
         total, used, free, driver = cells[-4], cells[-3], cells[-2], cells[-1]
         total_mib = _int(total)
         if _int(index) is None or total_mib is None:
@@ -165,7 +165,7 @@ def parse_apps_csv(text):
             raise ValueError(f"unexpected nvidia-smi line: {line!r}")
         apps.append({
             "pid": _int(cells[0]),
-            "name": ",".join(cells[1:-2]).strip(),
+            "name": ", ".join(cells[1:-2]),
             "used_mib": _int(cells[-2]),
             "gpu_uuid": cells[-1] or None,
         })

@@ -126,6 +126,7 @@ class Serving:
         stop: str | list[str] | None = None,
         seed: int | None = None,
         ignore_eos: bool = False,
+        prompt_param: str = "prompt",
     ) -> SamplingParams:
         cap = self.settings.max_new_tokens
         if max_tokens is not None and max_tokens > cap:
@@ -141,7 +142,7 @@ class Serving:
                 400,
                 f"This model's maximum context length is {limit} tokens; "
                 f"the prompt is {prompt_len} tokens",
-                param="messages" if max_tokens is None else "prompt",
+                param=prompt_param,
                 code="context_length_exceeded",
             )
         if max_tokens is not None and max_tokens > room:
@@ -385,6 +386,7 @@ class Serving:
         prompt_len: int,
         max_tokens: int | None,
     ) -> SamplingParams:
+        prompt_param = "messages" if isinstance(body, ChatCompletionRequest) else "prompt"
         return self.sampling(
             prompt_len,
             max_tokens=max_tokens,
@@ -395,6 +397,7 @@ class Serving:
             stop=body.stop,
             seed=body.seed,
             ignore_eos=body.ignore_eos,
+            prompt_param=prompt_param,
         )
 
 

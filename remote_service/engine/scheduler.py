@@ -326,15 +326,15 @@ class BatchScheduler:
         return None
 
     def _finish(self, seq: Sequence, reason: str, extra: str = "", error: str | None = None) -> str:
-        seq.deliver(Delta(extra, len(seq.generated), seq.prompt_len, reason, error))
         seq.cancelled = True  # marks it done for the iterator's cleanup
         self._finished += 1
-        if self._observer:
+        if self._observer:  # before delivering: metrics are final when the client sees the end
             end = time.perf_counter()
             queued = (seq.admitted or end) - seq.arrived
             self._observer.finished(
                 reason, seq.prompt_len, len(seq.generated), end - seq.arrived, queued
             )
+        seq.deliver(Delta(extra, len(seq.generated), seq.prompt_len, reason, error))
         return reason
 
     def _finish_many(self, seqs: list[Sequence], reason: str, error: str | None = None) -> None:

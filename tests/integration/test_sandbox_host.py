@@ -178,6 +178,22 @@ def test_memory_max_is_enforced(sandbox: SandboxHost) -> None:
     assert "allocated" in roomy.stdout
 
 
+def test_cpu_quota_is_enforced(sandbox: SandboxHost) -> None:
+    spin = "python3 -c " + shlex.quote(
+        "import time\n"
+        "start = time.monotonic()\n"
+        "while time.monotonic() - start < 2: pass\n"
+        "print(time.process_time())"
+    )
+    unit = f"mdtest-cpu-{uuid.uuid4().hex[:8]}.service"
+    result = sandbox.sudo(
+        f"systemd-run --quiet --wait --pipe --collect --unit={unit} --property=CPUQuota=20% {spin}",
+        timeout=60,
+    )
+    cpu_seconds = float(result.stdout.strip())
+    assert cpu_seconds < 0.8, f"{cpu_seconds:.2f} s of CPU in 2 s under CPUQuota=20%"
+
+
 # -- the resident Flux stand-in -------------------------------------------------------------------
 
 

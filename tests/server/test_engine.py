@@ -65,6 +65,8 @@ def test_batched_greedy_matches_one_at_a_time_and_hf_generate(engine: Transforme
             do_sample=False,
             repetition_penalty=1.0,
             eos_token_id=None,
+            # rows of the padded embedding that the tokenizer cannot decode: never sampled
+            suppress_tokens=list(range(len(tok), model.config.vocab_size)),
         )
         assert tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True) == text
 

@@ -21,7 +21,7 @@ def checkpoint(tmp_path: Path, quant_method: str | None = None) -> Path:
     return tmp_path
 
 
-def plan(tmp_path: Path, cuda: int = 0, packages: tuple[str, ...] = (), **env: str):  # noqa: ANN201
+def plan(tmp_path: Path, cuda: int = 0, packages: tuple[str, ...] = (), **env: str):
     settings = Settings(model_dir=tmp_path, **env)  # type: ignore[arg-type]
     return plan_load(settings, cuda_devices=lambda: cuda, has_package=lambda p: p in packages)
 
@@ -69,10 +69,10 @@ def test_explicit_cuda_device_must_exist(tmp_path: Path) -> None:
 
 
 def test_checkpoint_files_are_checked(tmp_path: Path) -> None:
-    with pytest.raises(EngineLoadError, match="has no config.json"):
+    with pytest.raises(EngineLoadError, match=r"has no config\.json"):
         plan(tmp_path)
     (tmp_path / "config.json").write_text("{}")
-    with pytest.raises(EngineLoadError, match="no \\*.safetensors"):
+    with pytest.raises(EngineLoadError, match=r"no \*\.safetensors"):
         plan(tmp_path)
 
 

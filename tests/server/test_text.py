@@ -6,6 +6,7 @@ import pytest
 
 from remote_service.engine.text import IncrementalDecoder, StopMatcher
 
+
 # A byte-level toy: each id is one byte of UTF-8.
 def byte_decode(ids: list[int]) -> str:
     return bytes(ids).decode("utf-8", errors="replace")

@@ -1,0 +1,178 @@
+"""Showing a plan: a Rich rendering for people, JSON for programs, the catalog as a table.
+
+Nothing here decides anything; everything shown comes from the ``Plan``. Text that reaches
+the terminal goes through ``redact`` first, so a credential that slipped into an error message
+(an S3 endpoint's answer, say) never prints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+from .estimate import gb
+from .planner import Plan, plan_json
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from .catalog import Catalog
+
+SECRET_ENV = re.compile(r"(SECRET|TOKEN|PASSWORD|PASSPHRASE|CREDENTIAL|PRIVATE)", re.I)
+REDACTED = "[REDACTED]"
+MIN_SECRET_LEN = 6
+
+
+def secret_values(environ: Mapping[str, str] | None = None) -> list[str]:
+    environ = os.environ if environ is None else environ
+    values = {v for k, v in environ.items() if SECRET_ENV.search(k) and len(v) >= MIN_SECRET_LEN}
+    return sorted(values, key=len, reverse=True)
+
+
+def redact(text: str, environ: Mapping[str, str] | None = None) -> str:
+    for value in secret_values(environ):
+        text = text.replace(value, REDACTED)
+    return text
+
+
+def plan_to_json_text(plan: Plan) -> str:
+    return redact(json.dumps(plan_json(plan), indent=2))
+
+
+def _gb(n: int | None) -> str:
+    return "?" if n is None else f"{gb(n):.1f} GB"
+
+
+ACTION_STYLE = {"coexist": "bold green", "replace": "bold yellow", "refuse": "bold red"}
+QUANT_TEXT = {
+    "none": "none (16-bit)",
+    "awq": "AWQ 4-bit, pre-quantized",
+    "bnb-4bit": "bitsandbytes 4-bit (NF4)",
+    "bnb-8bit": "bitsandbytes 8-bit",
+}
+
+
+def render_plan(plan: Plan, console: Console, *, dry_run: bool = True) -> None:
+    from rich.table import Table
+    from rich.text import Text
+
+    def safe(text: str) -> Text:
+        return Text(redact(text))
+
+    title = Text(f"Plan for {plan.model}", style="bold")
+    if plan.target:
+        title.append(f" on {plan.target}", style="bold")
+    title.append(f"  [{plan.plan_id}]", style="dim")
+    console.print(title)
+
+    head = Table.grid(padding=(0, 2))
+    head.add_column(style="bold")
+    head.add_column()
+    action = Text(plan.action.upper(), style=ACTION_STYLE[plan.action])
+    if plan.action == "coexist":
+        action.append(" beside Flux")
+    elif plan.action == "replace":
+        action.append(" (stops flux-api)" if plan.stop_flux else " (Flux not running)")
+    head.add_row("action", action)
+    head.add_row("flux", "will be STOPPED" if plan.stop_flux else "left as it is")
+    head.add_row("port", str(plan.port) if plan.port else "-")
+    quant = QUANT_TEXT[plan.quantization]
+    if plan.weights_model != plan.model:
+        quant += f" from {plan.weights_model}"
+    head.add_row("quantization", quant)
+    if plan.gpu_name is not None:
+        head.add_row("GPU", f"{plan.gpu_index}: {plan.gpu_name}")
+    est = plan.estimate
+    source = "S3 metadata" if est.source == "s3" else "catalog figures (approximate)"
+    head.add_row(
+        "estimate",
+        f"{est.parameters / 1e9:.2f}B parameters, stored {est.stored_dtype}, from {source}; "
+        f"{est.context_tokens} tokens x {est.concurrent_seqs} sequences",
+    )
+    console.print(head)
+
+    table = Table(title="Memory", title_justify="left", show_edge=False)
+    table.add_column("")
+    table.add_column("need", justify="right")
+    table.add_column("headroom", justify="right")
+    table.add_column("after deploy", justify="right")
+    after = plan.after
+    for label, need, room, left in (
+        ("GPU", plan.needs.gpu_bytes, plan.headroom.gpu_bytes, after.gpu_bytes if after else None),
+        ("RAM", plan.needs.ram_bytes, plan.headroom.ram_bytes, after.ram_bytes if after else None),
+        ("disk", plan.needs.disk_bytes, plan.headroom.disk_bytes,
+         after.disk_bytes if after else None),
+    ):
+        style = "red" if need > room else ""
+        table.add_row(label, Text(_gb(need), style=style), _gb(room), _gb(left))
+    console.print(table)
+    console.print(
+        Text(
+            f"  GPU need = weights {_gb(est.weights_bytes)} + KV cache {_gb(est.kv_cache_bytes)}"
+            f" + activations {_gb(est.activation_bytes)} + runtime {_gb(est.runtime_bytes)}; "
+            "headroom is after the safety margins",
+            style="dim",
+        )
+    )
+
+    if len(plan.options) > 1 or plan.action == "refuse":
+        options = Table(title="Options considered", title_justify="left", show_edge=False)
+        options.add_column("quantization")
+        options.add_column("GPU need", justify="right")
+        options.add_column("result")
+        for option in plan.options:
+            options.add_row(
+                QUANT_TEXT[option.quantization]
+                + (f" ({option.weights_model})" if option.weights_model != plan.model else ""),
+                _gb(option.need.gpu_bytes),
+                Text(option.placement, style=ACTION_STYLE[option.placement]),
+            )
+        console.print(options)
+
+    console.print(Text("Why", style="bold"))
+    for reason in plan.reasons:
+        console.print(safe(f"  - {reason}"))
+    if plan.warnings:
+        console.print(Text("Warnings", style="bold yellow"))
+        for warning in plan.warnings:
+            console.print(Text(f"  ! {redact(warning)}", style="yellow"))
+
+    if plan.endpoints:
+        console.print(Text("Endpoints", style="bold"))
+        for url in plan.endpoints:
+            console.print(f"  {url}")
+    if plan.steps:
+        console.print(Text("Steps apply would run" if dry_run else "Steps", style="bold"))
+        for number, step in enumerate(plan.steps, 1):
+            line = Text(f"  {number:>2}. ")
+            line.append(step.name, style="cyan")
+            line.append(f"  {redact(step.description)}")
+            console.print(line)
+    if dry_run:
+        console.print(Text("dry run: nothing was changed on the host", style="dim"))
+
+
+def render_catalog(catalog: Catalog, console: Console) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"Catalog ({catalog.source}, bucket {catalog.bucket})",
+                  title_justify="left")  # fmt: skip
+    for column, justify in (("model", "left"), ("tier", "left"), ("format", "left"),
+                            ("params", "right"), ("size", "right"), ("context", "right"),
+                            ("AWQ variant", "left"), ("description", "left")):  # fmt: skip
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    for name, spec in sorted(catalog.models.items()):
+        table.add_row(
+            name,
+            spec.tier.value,
+            f"{spec.format.value} {spec.precision.value}",
+            f"{spec.parameters_b:g}B",
+            f"{spec.size_gb:g} GB",
+            str(spec.context_length),
+            spec.awq_variant or "",
+            spec.description,
+        )
+    console.print(table)

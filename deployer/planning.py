@@ -1,0 +1,99 @@
+"""Making a plan: the core the CLI calls.
+
+``make_plan`` validates the model name against the catalog before anything opens, then
+measures the host (one SSH command) while it reads the model's metadata from S3 (a few ranged
+GETs) in parallel, estimates, and hands plain data to the pure planner. It takes an executor
+and a metadata source, so tests give it fakes; ``open_host`` and ``s3_metadata`` make the
+real ones.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from .catalog import Catalog, ModelSpec
+from .config import Settings
+from .estimate import Estimate, estimate
+from .facts import HostFacts
+from .model_meta import MetadataSource, ModelMeta, S3MetadataReader, make_s3_client
+from .planner import Plan, PlanFlags, plan_deployment
+from .probe import inspect_host
+from .ssh import Executor, SSHHost
+
+
+@dataclass
+class PlanResult:
+    plan: Plan
+    facts: HostFacts
+    estimates: dict[str, Estimate]
+    metas: dict[str, ModelMeta]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def open_host(settings: Settings, *, trust_new_host_key: bool = False) -> SSHHost:
+    """The real executor: one SSH connection to ``settings.host`` (opened on first use)."""
+    settings.require_host()
+    return SSHHost(settings.host, trust_new_host_key=trust_new_host_key)
+
+
+def s3_metadata(settings: Settings, catalog: Catalog) -> S3MetadataReader:
+    """The real metadata source: the catalog's bucket (or ``s3.bucket``) through boto3."""
+    return S3MetadataReader(make_s3_client(settings.s3), settings.s3.bucket or catalog.bucket)
+
+
+def specs_to_read(spec: ModelSpec, catalog: Catalog) -> list[ModelSpec]:
+    """The model, and its AWQ variant when the catalog names one."""
+    variant = catalog.awq_variant_of(spec)
+    return [spec, variant] if variant is not None else [spec]
+
+
+def read_metas(
+    specs: list[ModelSpec], source: MetadataSource
+) -> dict[str, ModelMeta]:
+    if len(specs) == 1:
+        return {specs[0].name: source.read(specs[0])}
+    with ThreadPoolExecutor(max_workers=len(specs)) as pool:
+        return dict(zip([s.name for s in specs], pool.map(source.read, specs), strict=True))
+
+
+def estimates_for(
+    metas: Mapping[str, ModelMeta], catalog: Catalog, settings: Settings
+) -> dict[str, Estimate]:
+    return {
+        name: estimate(meta, catalog.models[name], settings.policy)
+        for name, meta in metas.items()
+    }
+
+
+def make_plan(
+    name: str,
+    *,
+    settings: Settings,
+    catalog: Catalog,
+    executor: Executor,
+    metadata: MetadataSource,
+    flags: PlanFlags | None = None,
+) -> PlanResult:
+    """Plan the deployment of catalog entry ``name``. Changes nothing anywhere.
+
+    Raises ``CatalogError`` (unknown name, before connecting), ``ConnectError``/``AuthError``
+    (host unreachable), ``ProbeError``. S3 problems do not raise: the estimate falls back to
+    the catalog's figures and the plan says so.
+    """
+    spec = catalog.get(name)
+    settings.require_host()
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        metas_future = pool.submit(read_metas, specs_to_read(spec, catalog), metadata)
+        facts = inspect_host(executor, settings.remote)
+        timings["probe_s"] = time.perf_counter() - started
+        metas = metas_future.result()
+    timings["inputs_s"] = time.perf_counter() - started
+    estimates = estimates_for(metas, catalog, settings)
+    plan = plan_deployment(spec, catalog, estimates, facts, settings, flags)
+    timings["total_s"] = time.perf_counter() - started
+    return PlanResult(plan=plan, facts=facts, estimates=estimates, metas=metas, timings=timings)
