@@ -14,7 +14,7 @@ import json
 import os
 import socket
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -56,7 +56,8 @@ class AuditEntry:
     details: Mapping[str, Any] = field(default_factory=dict)
 
     def record(self, redactor: Redactor | None = None) -> dict[str, Any]:
-        data = {k: v for k, v in asdict(self).items() if v not in (None, {}, "")}
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        data = {k: v for k, v in values.items() if v is not None and v != {} and v != ""}
         if self.duration_s is not None:
             data["duration_s"] = round(self.duration_s, 2)
         return (redactor or Redactor())(data)  # type: ignore[no-any-return]

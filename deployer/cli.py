@@ -113,8 +113,9 @@ def main(
     """Plan (and, without --dry-run, apply) putting model NAME on the GPU host."""
     debug = _debug_wanted(debug)
     try:
-        code = _run(name, dry_run, as_json, force_quantize, config_path, list_models,
-                    trust_new_host_key)  # fmt: skip
+        code = _run(
+            name, dry_run, as_json, force_quantize, config_path, list_models, trust_new_host_key
+        )
     except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
         raise
     except DeployError as exc:

@@ -69,6 +69,24 @@ def gb(n: int | float) -> float:
     return n / GB
 
 
+def size_text(n: int | float) -> str:
+    """A size for people: GB (10^9) with one decimal, MB or kB below 0.1 GB."""
+    if abs(n) >= GB / 10 or n == 0:
+        return f"{n / GB:.1f} GB"
+    if abs(n) >= 1_000_000:
+        return f"{n / 1_000_000:.0f} MB"
+    return f"{n / 1000:.0f} kB"
+
+
+def count_text(n: int) -> str:
+    """A parameter count for people: 14.77B, 149M, 1.2M."""
+    if n >= 1e9:
+        return f"{n / 1e9:.2f}B"
+    if n >= 1e7:
+        return f"{n / 1e6:.0f}M"
+    return f"{n / 1e6:.1f}M"
+
+
 class Need(BaseModel):
     """What one way of serving a model takes. ``gpu_bytes`` is the sum of its four parts."""
 
@@ -85,8 +103,9 @@ class Need(BaseModel):
 
     def breakdown(self) -> str:
         return (
-            f"weights {gb(self.weights_bytes):.1f} + KV cache {gb(self.kv_cache_bytes):.1f} "
-            f"+ activations {gb(self.activation_bytes):.1f} + runtime {gb(self.runtime_bytes):.1f}"
+            f"weights {size_text(self.weights_bytes)} + KV cache {size_text(self.kv_cache_bytes)}"
+            f" + activations {size_text(self.activation_bytes)}"
+            f" + runtime {size_text(self.runtime_bytes)}"
         )
 
 
@@ -114,10 +133,9 @@ class Estimate(BaseModel):
         return self.needs.get(quantization)
 
     def describe(self) -> str:
-        params = self.parameters / 1e9
         return (
-            f"{self.model}: {params:.2f}B parameters, {self.stored_dtype}, "
-            f"{gb(self.stored_bytes):.2f} GB stored, from "
+            f"{self.model}: {count_text(self.parameters)} parameters, {self.stored_dtype}, "
+            f"{size_text(self.stored_bytes)} stored, from "
             + ("S3 metadata" if self.source == "s3" else "the catalog (approximate)")
         )
 

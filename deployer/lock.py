@@ -239,8 +239,8 @@ class HostLock:
             time.sleep(min(poll_s, remaining))
 
     def _stale(self, current: LockInfo) -> bool:
-        return current.machine == self.machine and current.pid > 0 and not self.pid_alive(
-            current.pid
+        return (
+            current.machine == self.machine and current.pid > 0 and not self.pid_alive(current.pid)
         )
 
     def release(self) -> bool:

@@ -50,15 +50,39 @@ SINGLE_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 
 DTYPE_BYTES = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
-    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
-    "F4": 1, "F6_E2M3": 1, "F6_E3M2": 1,
-}  # fmt: skip
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "F8_E8M0": 1,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U64": 8,
+    "U32": 4,
+    "U16": 2,
+    "U8": 1,
+    "BOOL": 1,
+    "F4": 1,
+    "F6_E2M3": 1,
+    "F6_E3M2": 1,
+}
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
-PRECISION_DTYPE = {Precision.bf16: "BF16", Precision.fp16: "F16", Precision.fp32: "F32",
-                   Precision.int4: "I4"}  # fmt: skip
-EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight",
-                      "tok_embeddings.weight")  # fmt: skip
+PRECISION_DTYPE = {
+    Precision.bf16: "BF16",
+    Precision.fp16: "F16",
+    Precision.fp32: "F32",
+    Precision.int4: "I4",
+}
+EMBEDDING_SUFFIXES = (
+    "embed_tokens.weight",
+    "wte.weight",
+    "word_embeddings.weight",
+    "tok_embeddings.weight",
+)
 LM_HEAD_NAMES = ("lm_head.weight", "output.weight", "embed_out.weight")
 PACKED_SUFFIXES = (".qweight",)  # AWQ / GPTQ: 4-bit values packed into int32
 QUANT_AUX_SUFFIXES = (".qzeros", ".scales", ".g_idx")
@@ -357,8 +381,10 @@ def catalog_meta(spec: ModelSpec, location: str, reason: str) -> ModelMeta:
         download_bytes=stored,
         largest_shard_bytes=stored,
         shard_count=1,
-        notes=[f"{reason}; using the catalog's figures ({spec.parameters_b:g}B parameters, "
-               f"{spec.size_gb:g} GB)"],
+        notes=[
+            f"{reason}; using the catalog's figures ({spec.parameters_b:g}B parameters, "
+            f"{spec.size_gb:g} GB)"
+        ],
     )
 
 
@@ -499,7 +525,8 @@ class S3MetadataReader:
                 index = index_f.result()
                 requests = 3
                 bytes_read = sum(
-                    listing.get(prefix + n, 0) for n in (CONFIG_NAME, INDEX_NAME)
+                    listing.get(prefix + n, 0)
+                    for n in (CONFIG_NAME, INDEX_NAME)
                     if prefix + n in listing
                 )
                 files = weight_files(prefix, listing, index)
@@ -533,8 +560,10 @@ class S3MetadataReader:
             )
         weight_set = set(files)
         other_files = sum(
-            size for key, size in listing.items()
-            if key not in weight_set and "/" not in key[len(prefix):]
+            size
+            for key, size in listing.items()
+            if key not in weight_set
+            and "/" not in key[len(prefix) :]
             and not key.endswith(".safetensors")
         )
         return ModelMeta(
@@ -553,8 +582,9 @@ class S3MetadataReader:
         )
 
 
-def weight_files(prefix: str, listing: Mapping[str, int], index: Mapping[str, Any] | None
-                 ) -> list[str]:
+def weight_files(
+    prefix: str, listing: Mapping[str, int], index: Mapping[str, Any] | None
+) -> list[str]:
     """The weights files a loader would open: the index's shards, else ``model.safetensors``,
     else every top-level ``*.safetensors`` under the prefix."""
     if index is not None:
@@ -569,8 +599,7 @@ def weight_files(prefix: str, listing: Mapping[str, int], index: Mapping[str, An
     if prefix + SINGLE_NAME in listing:
         return [prefix + SINGLE_NAME]
     return sorted(
-        key for key in listing
-        if key.endswith(".safetensors") and "/" not in key[len(prefix):]
+        key for key in listing if key.endswith(".safetensors") and "/" not in key[len(prefix) :]
     )
 
 
@@ -585,9 +614,7 @@ class StaticMetadata:
     def read(self, spec: ModelSpec) -> ModelMeta:
         if spec.name in self.metas:
             return self.metas[spec.name]
-        return catalog_meta(
-            spec, f"s3://{self.bucket}/{spec.s3_prefix}", "metadata not available"
-        )
+        return catalog_meta(spec, f"s3://{self.bucket}/{spec.s3_prefix}", "metadata not available")
 
 
 def meta_from_tensors(

@@ -59,9 +59,6 @@ def render_plan(plan: Plan, console: Console, *, dry_run: bool = True) -> None:
     from rich.table import Table
     from rich.text import Text
 
-    def safe(text: str) -> Text:
-        return Text(redact(text))
-
     title = Text(f"Plan for {plan.model}", style="bold")
     if plan.target:
         title.append(f" on {plan.target}", style="bold")
@@ -77,11 +74,19 @@ def render_plan(plan: Plan, console: Console, *, dry_run: bool = True) -> None:
     elif plan.action == "replace":
         action.append(" (stops flux-api)" if plan.stop_flux else " (Flux not running)")
     head.add_row("action", action)
-    head.add_row("flux", "will be STOPPED" if plan.stop_flux else "left as it is")
+    if plan.stop_flux:
+        flux = Text("will be STOPPED", style="bold yellow")
+    elif plan.facts.flux_state in ("active", "activating", "reloading"):
+        flux = Text("keeps running")
+    else:
+        flux = Text(f"{plan.facts.flux_state} (left as it is)")
+    head.add_row("flux", flux)
     head.add_row("port", str(plan.port) if plan.port else "-")
     quant = QUANT_TEXT[plan.quantization]
     if plan.weights_model != plan.model:
         quant += f" from {plan.weights_model}"
+    if plan.action == "refuse":
+        quant = f"(smallest option) {quant}"
     head.add_row("quantization", quant)
     if plan.gpu_name is not None:
         head.add_row("GPU", f"{plan.gpu_index}: {plan.gpu_name}")
@@ -103,8 +108,12 @@ def render_plan(plan: Plan, console: Console, *, dry_run: bool = True) -> None:
     for label, need, room, left in (
         ("GPU", plan.needs.gpu_bytes, plan.headroom.gpu_bytes, after.gpu_bytes if after else None),
         ("RAM", plan.needs.ram_bytes, plan.headroom.ram_bytes, after.ram_bytes if after else None),
-        ("disk", plan.needs.disk_bytes, plan.headroom.disk_bytes,
-         after.disk_bytes if after else None),
+        (
+            "disk",
+            plan.needs.disk_bytes,
+            plan.headroom.disk_bytes,
+            after.disk_bytes if after else None,
+        ),
     ):
         style = "red" if need > room else ""
         table.add_row(label, Text(_gb(need), style=style), _gb(room), _gb(left))
@@ -132,47 +141,65 @@ def render_plan(plan: Plan, console: Console, *, dry_run: bool = True) -> None:
             )
         console.print(options)
 
-    console.print(Text("Why", style="bold"))
-    for reason in plan.reasons:
-        console.print(safe(f"  - {reason}"))
-    if plan.warnings:
-        console.print(Text("Warnings", style="bold yellow"))
-        for warning in plan.warnings:
-            console.print(Text(f"  ! {redact(warning)}", style="yellow"))
+    def bullets(title: str, items: list[str], style: str = "", mark: str = "-") -> None:
+        if not items:
+            return
+        console.print(Text(title, style=f"bold {style}".strip()))
+        grid = Table.grid(padding=(0, 1))
+        grid.add_column(width=3, justify="right")
+        grid.add_column(ratio=1)
+        for item in items:
+            grid.add_row(mark, Text(redact(item), style=style))
+        console.print(grid)
 
-    if plan.endpoints:
-        console.print(Text("Endpoints", style="bold"))
-        for url in plan.endpoints:
-            console.print(f"  {url}")
+    bullets("Why", plan.reasons)
+    bullets("Warnings", plan.warnings, "yellow", "!")
+    bullets("Endpoints", plan.endpoints)
     if plan.steps:
         console.print(Text("Steps apply would run" if dry_run else "Steps", style="bold"))
+        grid = Table.grid(padding=(0, 1))
+        grid.add_column(width=3, justify="right")
+        grid.add_column(style="cyan", no_wrap=True)
+        grid.add_column(ratio=1)
         for number, step in enumerate(plan.steps, 1):
-            line = Text(f"  {number:>2}. ")
-            line.append(step.name, style="cyan")
-            line.append(f"  {redact(step.description)}")
-            console.print(line)
+            grid.add_row(f"{number}.", step.name, redact(step.description))
+        console.print(grid)
     if dry_run:
         console.print(Text("dry run: nothing was changed on the host", style="dim"))
 
 
 def render_catalog(catalog: Catalog, console: Console) -> None:
+    from rich import box
     from rich.table import Table
 
-    table = Table(title=f"Catalog ({catalog.source}, bucket {catalog.bucket})",
-                  title_justify="left")  # fmt: skip
-    for column, justify in (("model", "left"), ("tier", "left"), ("format", "left"),
-                            ("params", "right"), ("size", "right"), ("context", "right"),
-                            ("AWQ variant", "left"), ("description", "left")):  # fmt: skip
-        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    wide = console.width >= 110
+    table = Table(
+        title=f"Catalog ({catalog.source}, bucket {catalog.bucket})",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        collapse_padding=True,
+        show_edge=False,
+    )
+    table.add_column("model", no_wrap=True)
+    table.add_column("tier", no_wrap=True)
+    table.add_column("weights", no_wrap=True)
+    table.add_column("params", justify="right", no_wrap=True)
+    table.add_column("size", justify="right", no_wrap=True)
+    table.add_column("AWQ", no_wrap=True)
+    if wide:
+        table.add_column("context", justify="right", no_wrap=True)
+        table.add_column("description", ratio=1)
     for name, spec in sorted(catalog.models.items()):
-        table.add_row(
+        row = [
             name,
             spec.tier.value,
-            f"{spec.format.value} {spec.precision.value}",
+            "awq int4" if spec.is_prequantized else spec.precision.value,
             f"{spec.parameters_b:g}B",
             f"{spec.size_gb:g} GB",
-            str(spec.context_length),
             spec.awq_variant or "",
-            spec.description,
-        )
+        ]
+        if wide:
+            row += [str(spec.context_length), spec.description]
+        table.add_row(*row)
     console.print(table)

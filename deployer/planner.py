@@ -41,15 +41,21 @@ from pydantic import BaseModel, ConfigDict
 
 from .catalog import Catalog, ModelSpec
 from .config import PolicyConfig, Settings
-from .estimate import GB, Estimate, Need, Quantization, gb
+from .estimate import GB, Estimate, Need, Quantization, size_text
 from .facts import MIB, Gpu, HostFacts
 
 PLAN_SCHEMA = 1
 Action = Literal["coexist", "replace", "refuse"]
 Placement = Literal["coexist", "replace"]
 ForceQuantize = Literal["4bit", "8bit"]
-ENDPOINT_PATHS = ("/status", "/health", "/generate", "/v1/models", "/v1/completions",
-                  "/v1/chat/completions")  # fmt: skip
+ENDPOINT_PATHS = (
+    "/status",
+    "/health",
+    "/generate",
+    "/v1/models",
+    "/v1/completions",
+    "/v1/chat/completions",
+)
 
 
 class _Data(BaseModel):
@@ -66,8 +72,11 @@ class Resources(_Data):
     disk_bytes: int
 
     def gb(self) -> dict[str, float]:
-        return {"gpu": _gb2(self.gpu_bytes), "ram": _gb2(self.ram_bytes),
-                "disk": _gb2(self.disk_bytes)}  # fmt: skip
+        return {
+            "gpu": _gb2(self.gpu_bytes),
+            "ram": _gb2(self.ram_bytes),
+            "disk": _gb2(self.disk_bytes),
+        }
 
 
 class Headroom(_Data):
@@ -376,8 +385,9 @@ def digest_facts(facts: HostFacts, gpu_index: int | None) -> FactsDigest:
     deployed = None
     if facts.deployed is not None:
         d = facts.deployed
-        deployed = DeployedDigest(model=d.model, port=d.port, quantization=d.quantization,
-                                  revision=d.revision)  # fmt: skip
+        deployed = DeployedDigest(
+            model=d.model, port=d.port, quantization=d.quantization, revision=d.revision
+        )
     return FactsDigest(
         hostname=facts.hostname,
         boot_id=facts.boot_id,
@@ -412,8 +422,7 @@ class _Candidate(_Data):
 
 
 def _resources(need: Need) -> Resources:
-    return Resources(gpu_bytes=need.gpu_bytes, ram_bytes=need.ram_bytes,
-                     disk_bytes=need.disk_bytes)  # fmt: skip
+    return Resources(gpu_bytes=need.gpu_bytes, ram_bytes=need.ram_bytes, disk_bytes=need.disk_bytes)
 
 
 def _candidates(
@@ -433,34 +442,40 @@ def _candidates(
             )
         need = base.needs["awq"]
         reasons.append(
-            f"{spec.name} is pre-quantized (AWQ 4-bit): needs {gb(need.gpu_bytes):.1f} GB GPU "
+            f"{spec.name} is pre-quantized (AWQ 4-bit): needs {size_text(need.gpu_bytes)} GPU "
             f"({need.breakdown()})"
         )
-        return [_Candidate(quantization="awq", weights_model=spec.name, need=need,
-                           estimate=base)]  # fmt: skip
+        return [_Candidate(quantization="awq", weights_model=spec.name, need=need, estimate=base)]
     out: list[_Candidate] = []
     plain = base.needs["none"]
     forced = flags.force_quantize
-    plain_text = f"16-bit needs {gb(plain.gpu_bytes):.1f} GB GPU ({plain.breakdown()})"
+    plain_text = f"16-bit needs {size_text(plain.gpu_bytes)} GPU ({plain.breakdown()})"
     if forced:
         reasons.append(f"{plain_text}; --force-quantize {forced}: quantizing anyway")
     elif plain.gpu_bytes > policy.quantize_above_gb * GB:
-        reasons.append(
-            f"{plain_text} > quantize_above_gb {policy.quantize_above_gb:g}: quantizing"
-        )
+        reasons.append(f"{plain_text} > quantize_above_gb {policy.quantize_above_gb:g}: quantizing")
     else:
         reasons.append(f"{plain_text} <= quantize_above_gb {policy.quantize_above_gb:g}")
-        out.append(_Candidate(quantization="none", weights_model=spec.name, need=plain,
-                              estimate=base))  # fmt: skip
+        out.append(
+            _Candidate(quantization="none", weights_model=spec.name, need=plain, estimate=base)
+        )
     variant = catalog.awq_variant_of(spec)
     if variant is not None and forced != "8bit":
         vest = estimates.get(variant.name)
         if vest is not None and vest.exists and "awq" in vest.needs:
-            out.append(_Candidate(quantization="awq", weights_model=variant.name,
-                                  need=vest.needs["awq"], estimate=vest))  # fmt: skip
+            out.append(
+                _Candidate(
+                    quantization="awq",
+                    weights_model=variant.name,
+                    need=vest.needs["awq"],
+                    estimate=vest,
+                )
+            )
         else:
-            why = "could not be checked in S3" if vest is None or vest.exists is None else (
-                "is not in S3"
+            why = (
+                "could not be checked in S3"
+                if vest is None or vest.exists is None
+                else ("is not in S3")
             )
             reasons.append(
                 f"AWQ variant {variant.name} {why}: quantizing with bitsandbytes if needed"
@@ -472,8 +487,9 @@ def _candidates(
     else:
         order = ("bnb-8bit", "bnb-4bit")
     for q in order:
-        out.append(_Candidate(quantization=q, weights_model=spec.name, need=base.needs[q],
-                              estimate=base))  # fmt: skip
+        out.append(
+            _Candidate(quantization=q, weights_model=spec.name, need=base.needs[q], estimate=base)
+        )
     return out
 
 
@@ -487,9 +503,9 @@ def _label(q: Quantization, weights_model: str) -> str:
 
 
 def _room_text(room: Headroom, policy: PolicyConfig) -> str:
-    parts = [f"free {gb(room.gpu_free_bytes):.1f}"]
+    parts = [f"free {size_text(room.gpu_free_bytes)}"]
     if room.gpu_freed_bytes:
-        parts.append(f"+ freed {gb(room.gpu_freed_bytes):.1f}")
+        parts.append(f"+ freed {size_text(room.gpu_freed_bytes)}")
     parts.append(f"- margin {policy.gpu_margin_gb:g}")
     return " ".join(parts)
 
@@ -507,23 +523,25 @@ def _place(
     order: list[Placement] = ["coexist", "replace"] if small else ["replace"]
     if not small:
         failures.append(
-            f"not small ({gb(cand.need.gpu_bytes):.1f} GB > coexist_max_gb "
+            f"not small ({size_text(cand.need.gpu_bytes)} > coexist_max_gb "
             f"{policy.coexist_max_gb:g}), so not beside Flux"
         )
     for placement in order:
         room = rooms[placement]
         port = policy.coexist_port if placement == "coexist" else policy.replace_port
-        where = "beside Flux" if placement == "coexist" else (
-            "with Flux stopped" if facts.flux.active else "alone (Flux is not running)"
+        where = (
+            "beside Flux"
+            if placement == "coexist"
+            else ("with Flux stopped" if facts.flux.active else "alone (Flux is not running)")
         )
         short = _shortfalls(need, room.usable)
         conflict = port_conflict(facts, port, placement, policy)
         if not short and conflict is None:
             fits = (
-                f"fits {where}: GPU {gb(need.gpu_bytes):.1f} <= "
-                f"{gb(room.usable.gpu_bytes):.1f} GB ({_room_text(room, policy)}), "
-                f"RAM {gb(need.ram_bytes):.1f} <= {gb(room.usable.ram_bytes):.1f} GB, "
-                f"disk {gb(need.disk_bytes):.1f} <= {gb(room.usable.disk_bytes):.1f} GB"
+                f"fits {where}: GPU {size_text(need.gpu_bytes)} <= "
+                f"{size_text(room.usable.gpu_bytes)} ({_room_text(room, policy)}), "
+                f"RAM {size_text(need.ram_bytes)} <= {size_text(room.usable.ram_bytes)}, "
+                f"disk {size_text(need.disk_bytes)} <= {size_text(room.usable.disk_bytes)}"
             )
             return placement, f"{label}: " + "; ".join([*failures, fits]), room
         why = [f"{w} {n:.1f} > {h:.1f} GB" for w, n, h in short]
@@ -580,10 +598,15 @@ def plan_deployment(
     else:
         for cand in candidates:
             placement, verdict, room = _place(cand, rooms, facts, policy)
-            options.append(Option(quantization=cand.quantization,
-                                  weights_model=cand.weights_model,
-                                  need=_resources(cand.need), placement=placement,
-                                  verdict=verdict))  # fmt: skip
+            options.append(
+                Option(
+                    quantization=cand.quantization,
+                    weights_model=cand.weights_model,
+                    need=_resources(cand.need),
+                    placement=placement,
+                    verdict=verdict,
+                )
+            )
             reasons.append(verdict)
             if placement != "refuse" and room is not None:
                 chosen = (cand, placement, room)
@@ -594,19 +617,21 @@ def plan_deployment(
             reasons.append(
                 f"refuse: nothing fits; the smallest option, "
                 f"{_label(smallest.quantization, smallest.weights_model)}, needs "
-                f"{gb(smallest.need.gpu_bytes):.1f} GB GPU / {gb(smallest.need.ram_bytes):.1f} "
-                f"GB RAM / {gb(smallest.need.disk_bytes):.1f} GB disk; the most the host offers "
-                f"(Flux stopped) is {gb(room.usable.gpu_bytes):.1f} / "
-                f"{gb(room.usable.ram_bytes):.1f} / {gb(room.usable.disk_bytes):.1f} GB"
+                f"{size_text(smallest.need.gpu_bytes)} GPU / {size_text(smallest.need.ram_bytes)} "
+                f"GB RAM / {size_text(smallest.need.disk_bytes)} disk; the most the host offers "
+                f"(Flux stopped) is {size_text(room.usable.gpu_bytes)} / "
+                f"{size_text(room.usable.ram_bytes)} / {size_text(room.usable.disk_bytes)}"
             )
     if chosen is None:
         pick = min(candidates, key=lambda c: c.need.gpu_bytes)
         room = rooms["replace"]
-        return _finish(spec, catalog, settings, flags, facts, "refuse", pick, room, options,
-                       reasons, warnings)  # fmt: skip
+        return _finish(
+            spec, catalog, settings, flags, facts, "refuse", pick, room, options, reasons, warnings
+        )
     cand, placement, room = chosen
-    return _finish(spec, catalog, settings, flags, facts, placement, cand, room, options,
-                   reasons, warnings)  # fmt: skip
+    return _finish(
+        spec, catalog, settings, flags, facts, placement, cand, room, options, reasons, warnings
+    )
 
 
 def _finish(
@@ -658,7 +683,7 @@ def _finish(
         memory_max = _size_bytes(settings.service.memory_max)
         if memory_max is not None and need.ram_bytes > memory_max:
             warnings.append(
-                f"loading may need {gb(need.ram_bytes):.1f} GB RAM, above the unit's "
+                f"loading may need {size_text(need.ram_bytes)} RAM, above the unit's "
                 f"MemoryMax={settings.service.memory_max}"
             )
     weights_uri = f"s3://{bucket}/{weights_spec.s3_prefix}"
@@ -740,8 +765,8 @@ def rooms_freed_text(facts: HostFacts, room: Headroom) -> str:
     flux_ram = facts.flux.memory_bytes
     gpu = facts.gpu_by_index(room.gpu_index) if room.gpu_index is not None else None
     flux_gpu = unit_gpu_bytes(gpu, facts, "flux") if gpu else None
-    gpu_text = "unknown GPU" if flux_gpu is None else f"{gb(flux_gpu):.1f} GB GPU"
-    return f"frees {gpu_text} and {gb(flux_ram):.1f} GB RAM"
+    gpu_text = "unknown GPU" if flux_gpu is None else f"{size_text(flux_gpu)} GPU"
+    return f"frees {gpu_text} and {size_text(flux_ram)} RAM"
 
 
 def _size_bytes(text: str) -> int | None:
@@ -749,7 +774,7 @@ def _size_bytes(text: str) -> int | None:
         return None
     units = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
     number = text.rstrip("KMGT")
-    return int(number) * units[text[len(number):]]
+    return int(number) * units[text[len(number) :]]
 
 
 def _steps(
@@ -772,12 +797,11 @@ def _steps(
         PlanStep(name="lock", description=f"take the host's deploy lock under {remote.state_dir}"),
         PlanStep(
             name="re-inspect",
-            description="probe the host again; stop if the plan no longer holds "
-            "(Plan.still_holds)",
+            description="probe the host again; stop if the plan no longer holds (Plan.still_holds)",
         ),
         PlanStep(
             name="pull-weights",
-            description=f"download {service.weights_uri} ({gb(need.disk_bytes):.1f} GB) "
+            description=f"download {service.weights_uri} ({size_text(need.disk_bytes)}) "
             f"to {service.weights_dir}",
         ),
         PlanStep(
@@ -792,11 +816,13 @@ def _steps(
         ),
     ]
     if stop_flux:
-        steps.append(PlanStep(
-            name="stop-flux",
-            description=f"stop {facts.flux.name} to free port {port} and its memory "
-            f"(undo: start it again)",
-        ))
+        steps.append(
+            PlanStep(
+                name="stop-flux",
+                description=f"stop {facts.flux.name} to free port {port} and its memory "
+                f"(undo: start it again)",
+            )
+        )
     replacing = ""
     if facts.inference.active:
         old = facts.deployed.model if facts.deployed else "the running model"
@@ -824,16 +850,29 @@ def _steps(
         index = next(i for i, s in enumerate(steps) if s.name == anchor)
         if spec.bootstrap.step != "before-start":
             index += 1
-        steps.insert(index, PlanStep(
-            name="bootstrap",
-            description=f"run {spec.bootstrap.script} on the host ({spec.bootstrap.step})",
-        ))
+        steps.insert(
+            index,
+            PlanStep(
+                name="bootstrap",
+                description=f"run {spec.bootstrap.script} on the host ({spec.bootstrap.step})",
+            ),
+        )
     return steps
 
 
 # Field order of the JSON the CLI prints: the required keys first.
-JSON_HEAD = ("model", "action", "stop_flux", "port", "quantization", "need_gb", "gpu_free_gb",
-             "reasons", "steps", "facts")  # fmt: skip
+JSON_HEAD = (
+    "model",
+    "action",
+    "stop_flux",
+    "port",
+    "quantization",
+    "need_gb",
+    "gpu_free_gb",
+    "reasons",
+    "steps",
+    "facts",
+)
 
 
 def plan_json(plan: Plan) -> dict[str, object]:

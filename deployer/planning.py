@@ -50,9 +50,7 @@ def specs_to_read(spec: ModelSpec, catalog: Catalog) -> list[ModelSpec]:
     return [spec, variant] if variant is not None else [spec]
 
 
-def read_metas(
-    specs: list[ModelSpec], source: MetadataSource
-) -> dict[str, ModelMeta]:
+def read_metas(specs: list[ModelSpec], source: MetadataSource) -> dict[str, ModelMeta]:
     if len(specs) == 1:
         return {specs[0].name: source.read(specs[0])}
     with ThreadPoolExecutor(max_workers=len(specs)) as pool:
@@ -63,8 +61,7 @@ def estimates_for(
     metas: Mapping[str, ModelMeta], catalog: Catalog, settings: Settings
 ) -> dict[str, Estimate]:
     return {
-        name: estimate(meta, catalog.models[name], settings.policy)
-        for name, meta in metas.items()
+        name: estimate(meta, catalog.models[name], settings.policy) for name, meta in metas.items()
     }
 
 

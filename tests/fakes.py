@@ -118,9 +118,14 @@ def run_locally(
         if python:
             argv[0] = python
         proc = subprocess.run(
-            argv, input=call.stdin, capture_output=True, text=True,
-            env={**os.environ, **(env or {})}, timeout=call.timeout or 60, check=False,
-        )  # fmt: skip
+            argv,
+            input=call.stdin,
+            capture_output=True,
+            text=True,
+            env={**os.environ, **(env or {})},
+            timeout=call.timeout or 60,
+            check=False,
+        )
         return CommandResult(call.command, proc.returncode, proc.stdout, proc.stderr)
 
     return answer
@@ -131,12 +136,28 @@ def run_locally(
 
 def unit(name: str, *, active: bool, pid: int, ram_bytes: int = 0) -> dict[str, Any]:
     if not active:
-        return {"name": name, "load_state": "loaded", "active_state": "inactive",
-                "sub_state": "dead", "main_pid": 0, "memory_current_bytes": None,
-                "memory_rss_bytes": None, "n_restarts": 0, "pids": []}  # fmt: skip
-    return {"name": name, "load_state": "loaded", "active_state": "active",
-            "sub_state": "running", "main_pid": pid, "memory_current_bytes": ram_bytes,
-            "memory_rss_bytes": ram_bytes, "n_restarts": 0, "pids": [pid]}  # fmt: skip
+        return {
+            "name": name,
+            "load_state": "loaded",
+            "active_state": "inactive",
+            "sub_state": "dead",
+            "main_pid": 0,
+            "memory_current_bytes": None,
+            "memory_rss_bytes": None,
+            "n_restarts": 0,
+            "pids": [],
+        }
+    return {
+        "name": name,
+        "load_state": "loaded",
+        "active_state": "active",
+        "sub_state": "running",
+        "main_pid": pid,
+        "memory_current_bytes": ram_bytes,
+        "memory_rss_bytes": ram_bytes,
+        "n_restarts": 0,
+        "pids": [pid],
+    }
 
 
 def probe_json(
@@ -165,26 +186,39 @@ def probe_json(
         used = min(flux_gpu + ours_gpu + other_gpu_mib, gpu_total_mib)
         procs = []
         if flux_gpu:
-            procs.append({"pid": FLUX_PID, "name": "python3", "used_mib": flux_gpu,
-                          "gpu_uuid": "GPU-0"})  # fmt: skip
+            procs.append(
+                {"pid": FLUX_PID, "name": "python3", "used_mib": flux_gpu, "gpu_uuid": "GPU-0"}
+            )
         if ours_gpu:
-            procs.append({"pid": OURS_PID, "name": "python", "used_mib": ours_gpu,
-                          "gpu_uuid": "GPU-0"})  # fmt: skip
+            procs.append(
+                {"pid": OURS_PID, "name": "python", "used_mib": ours_gpu, "gpu_uuid": "GPU-0"}
+            )
         if other_gpu_mib:
-            procs.append({"pid": 777, "name": "other", "used_mib": other_gpu_mib,
-                          "gpu_uuid": "GPU-0"})  # fmt: skip
-        gpus = [{
-            "index": 0, "uuid": "GPU-0", "name": "NVIDIA A10G",
-            "memory_total_mib": gpu_total_mib, "memory_used_mib": used,
-            "memory_free_mib": gpu_total_mib - used,
-            "processes": procs if per_process else None,
-        }]  # fmt: skip
+            procs.append(
+                {"pid": 777, "name": "other", "used_mib": other_gpu_mib, "gpu_uuid": "GPU-0"}
+            )
+        gpus = [
+            {
+                "index": 0,
+                "uuid": "GPU-0",
+                "name": "NVIDIA A10G",
+                "memory_total_mib": gpu_total_mib,
+                "memory_used_mib": used,
+                "memory_free_mib": gpu_total_mib - used,
+                "processes": procs if per_process else None,
+            }
+        ]
     if ram_available_bytes is None:
         held = (flux_ram_bytes if flux_active else 0) + (ours_ram_bytes if ours_active else 0)
         ram_available_bytes = max(ram_total_bytes - held - 2 * GB, 0)
-    ports = list(listeners) if listeners is not None else (
-        [22] + ([8000] if flux_active else [])
-        + ([deployed["port"]] if deployed and ours_active else [])
+    ports = (
+        list(listeners)
+        if listeners is not None
+        else (
+            [22]
+            + ([8000] if flux_active else [])
+            + ([deployed["port"]] if deployed and ours_active else [])
+        )
     )
     return {
         "probe_version": 1,
@@ -195,21 +229,40 @@ def probe_json(
         "cpu_count": 16,
         "cpu_usable": 16,
         "memory": {"total_bytes": ram_total_bytes, "available_bytes": ram_available_bytes},
-        "disk": {"path": "/opt/models", "measured_path": "/opt", "free_bytes": disk_free_bytes,
-                 "total_bytes": 500 * GB},  # fmt: skip
+        "disk": {
+            "path": "/opt/models",
+            "measured_path": "/opt",
+            "free_bytes": disk_free_bytes,
+            "total_bytes": 500 * GB,
+        },
         "gpu": (
-            {"source": "none", "devices": [], "error": "no NVIDIA driver tools: nvidia-smi "
-             "not found"} if no_gpu else  # fmt: skip
-            {"source": "nvidia-smi", "driver_version": "535.183.01", "cuda_version": "12.2",
-             "devices": list(gpus), "error": None}  # fmt: skip
+            {
+                "source": "none",
+                "devices": [],
+                "error": "no NVIDIA driver tools: nvidia-smi not found",
+            }
+            if no_gpu
+            else {
+                "source": "nvidia-smi",
+                "driver_version": "535.183.01",
+                "cuda_version": "12.2",
+                "devices": list(gpus),
+                "error": None,
+            }
         ),
-        "flux": unit("flux-api.service", active=flux_active, pid=FLUX_PID,
-                     ram_bytes=flux_ram_bytes),  # fmt: skip
-        "inference": unit("asoba-inference.service", active=ours_active, pid=OURS_PID,
-                          ram_bytes=ours_ram_bytes),  # fmt: skip
+        "flux": unit(
+            "flux-api.service", active=flux_active, pid=FLUX_PID, ram_bytes=flux_ram_bytes
+        ),
+        "inference": unit(
+            "asoba-inference.service", active=ours_active, pid=OURS_PID, ram_bytes=ours_ram_bytes
+        ),
         "listeners": [{"address": "0.0.0.0", "port": p} for p in sorted(set(ports))],
-        "software": {"python": "3.12.10", "torch": "2.4.0+cu121", "torch_cuda": "12.1",
-                     "packages": {"torch": "2.4.0+cu121"}},  # fmt: skip
+        "software": {
+            "python": "3.12.10",
+            "torch": "2.4.0+cu121",
+            "torch_cuda": "12.1",
+            "packages": {"torch": "2.4.0+cu121"},
+        },
         "deployed": deployed,
         "deployed_error": None,
         "errors": [],
@@ -236,7 +289,7 @@ def is_probe(call: Call) -> bool:
 FAKE_NVIDIA_SMI = """#!/bin/sh
 # Fake nvidia-smi for tests: prints canned CSV per query.
 case "$*" in
-  *--query-gpu=*) cat "$FAKE_SMI_DIR/gpus.csv"; exit "$(cat "$FAKE_SMI_DIR/gpus.rc" 2>/dev/null || echo 0)";;
+  *--query-gpu=*) cat "$FAKE_SMI_DIR/gpus.csv"; exit "$(cat "$FAKE_SMI_DIR/gpus.rc")";;
   *--query-compute-apps=*) cat "$FAKE_SMI_DIR/apps.csv"; exit 0;;
   *--version*) echo "NVIDIA-SMI version  : 535.183.01"; echo "CUDA Version        : 12.2"; exit 0;;
 esac
@@ -245,8 +298,9 @@ exit 2
 """
 
 
-def install_fake_nvidia_smi(bin_dir: Path, gpus_csv: str, apps_csv: str = "",
-                            gpus_rc: int = 0) -> dict[str, str]:  # fmt: skip
+def install_fake_nvidia_smi(
+    bin_dir: Path, gpus_csv: str, apps_csv: str = "", gpus_rc: int = 0
+) -> dict[str, str]:
     """Write a fake ``nvidia-smi`` into ``bin_dir``; returns the env that puts it first."""
     bin_dir.mkdir(parents=True, exist_ok=True)
     tool = bin_dir / "nvidia-smi"
@@ -255,8 +309,10 @@ def install_fake_nvidia_smi(bin_dir: Path, gpus_csv: str, apps_csv: str = "",
     (bin_dir / "gpus.csv").write_text(gpus_csv)
     (bin_dir / "apps.csv").write_text(apps_csv)
     (bin_dir / "gpus.rc").write_text(str(gpus_rc))
-    return {"PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
-            "FAKE_SMI_DIR": str(bin_dir)}  # fmt: skip
+    return {
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+        "FAKE_SMI_DIR": str(bin_dir),
+    }
 
 
 def block_pynvml(shim_dir: Path) -> dict[str, str]:

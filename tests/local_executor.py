@@ -116,7 +116,8 @@ class LocalExecutor:
         for t in threads:
             t.join()
         proc.stdout.close()
-        proc.stderr.close() if proc.stderr is not None else None
+        if proc.stderr is not None:
+            proc.stderr.close()
         return "".join(out_lines), "".join(err_parts), code
 
     def close(self) -> None:

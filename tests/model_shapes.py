@@ -67,18 +67,24 @@ def tensors(cfg: dict[str, Any]) -> list[TensorInfo]:
     out = [_t("model.embed_tokens.weight", dtype, vocab, h)]
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}"
-        out += [_t(f"{p}.input_layernorm.weight", dtype, h),
-                _t(f"{p}.post_attention_layernorm.weight", dtype, h)]
+        out += [
+            _t(f"{p}.input_layernorm.weight", dtype, h),
+            _t(f"{p}.post_attention_layernorm.weight", dtype, h),
+        ]
         out += linear(f"{p}.self_attn.q_proj", heads * hd, h)
         out += linear(f"{p}.self_attn.k_proj", kv * hd, h)
         out += linear(f"{p}.self_attn.v_proj", kv * hd, h)
         out += linear(f"{p}.self_attn.o_proj", h, heads * hd)
         if mtype.startswith("qwen3"):
-            out += [_t(f"{p}.self_attn.q_norm.weight", dtype, hd),
-                    _t(f"{p}.self_attn.k_norm.weight", dtype, hd)]
+            out += [
+                _t(f"{p}.self_attn.q_norm.weight", dtype, hd),
+                _t(f"{p}.self_attn.k_norm.weight", dtype, hd),
+            ]
         if mtype == "qwen2":
-            out += [_t(f"{p}.self_attn.{x}_proj.bias", dtype, n)
-                    for x, n in (("q", heads * hd), ("k", kv * hd), ("v", kv * hd))]
+            out += [
+                _t(f"{p}.self_attn.{x}_proj.bias", dtype, n)
+                for x, n in (("q", heads * hd), ("k", kv * hd), ("v", kv * hd))
+            ]
         if cfg.get("num_experts"):
             e, mi = cfg["num_experts"], cfg["moe_intermediate_size"]
             out.append(_t(f"{p}.mlp.gate.weight", dtype, e, h))
@@ -117,8 +123,11 @@ def header_bytes(items: Iterable[TensorInfo]) -> bytes:
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for t in items:
-        header[t.name] = {"dtype": t.dtype, "shape": list(t.shape),
-                          "data_offsets": [offset, offset + t.nbytes]}
+        header[t.name] = {
+            "dtype": t.dtype,
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + t.nbytes],
+        }
         offset += t.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
@@ -154,12 +163,16 @@ def upload(client: Any, bucket: str, prefix: str, name: str) -> None:
     """Put a metadata-only checkpoint of ``name`` under ``prefix`` (config, index, headers,
     tokenizer stub)."""
     shards = model_shards(name)
-    client.put_object(Bucket=bucket, Key=prefix + "config.json",
-                      Body=json.dumps(config(name)).encode())
+    client.put_object(
+        Bucket=bucket, Key=prefix + "config.json", Body=json.dumps(config(name)).encode()
+    )
     client.put_object(Bucket=bucket, Key=prefix + "tokenizer.json", Body=b'{"model": {}}')
     names = shard_names(len(shards))
     if len(shards) > 1:
-        client.put_object(Bucket=bucket, Key=prefix + "model.safetensors.index.json",
-                          Body=json.dumps(index_json(shards)).encode())
+        client.put_object(
+            Bucket=bucket,
+            Key=prefix + "model.safetensors.index.json",
+            Body=json.dumps(index_json(shards)).encode(),
+        )
     for n, s in zip(names, shards, strict=True):
         client.put_object(Bucket=bucket, Key=prefix + n, Body=header_only_file(s))

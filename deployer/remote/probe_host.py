@@ -16,7 +16,6 @@ and the rest still comes back: no GPU, no systemd or no state file are facts, no
 GPUs come from NVML (``pynvml``) when it imports and initialises, else from ``nvidia-smi``.
 """
 
-
 import argparse
 import contextlib
 import json
@@ -32,9 +31,7 @@ PROBE_VERSION = 1
 MIB = 1024 * 1024
 STATE_FILE_NAME = "current.json"
 STATE_FILE_MAX = 64 * 1024
-UNIT_PROPERTIES = (
-    "Id,LoadState,ActiveState,SubState,MainPID,MemoryCurrent,NRestarts,ControlGroup"
-)
+UNIT_PROPERTIES = "Id,LoadState,ActiveState,SubState,MainPID,MemoryCurrent,NRestarts,ControlGroup"
 GPU_QUERY = "index,uuid,name,memory.total,memory.used,memory.free,driver_version"
 APPS_QUERY = "pid,process_name,used_memory,gpu_uuid"
 CSV = "--format=csv,noheader,nounits"
@@ -141,16 +138,20 @@ def parse_gpu_csv(text):
             raise ValueError(f"unexpected nvidia-smi line: {line!r}")
         used_mib = _int(used) or 0
         free_mib = _int(free)
-        gpus.append({
-            "index": _int(index),
-            "uuid": uuid or None,
-            "name": name,
-            "memory_total_mib": total_mib,
-            "memory_used_mib": used_mib,
-            "memory_free_mib": free_mib if free_mib is not None else max(total_mib - used_mib, 0),
-            "processes": None,
-            "_driver": driver,
-        })
+        gpus.append(
+            {
+                "index": _int(index),
+                "uuid": uuid or None,
+                "name": name,
+                "memory_total_mib": total_mib,
+                "memory_used_mib": used_mib,
+                "memory_free_mib": free_mib
+                if free_mib is not None
+                else max(total_mib - used_mib, 0),
+                "processes": None,
+                "_driver": driver,
+            }
+        )
     return gpus
 
 
@@ -163,12 +164,14 @@ def parse_apps_csv(text):
         cells = [c.strip() for c in line.split(",")]
         if len(cells) < 4 or _int(cells[0]) is None:
             raise ValueError(f"unexpected nvidia-smi line: {line!r}")
-        apps.append({
-            "pid": _int(cells[0]),
-            "name": ", ".join(cells[1:-2]),
-            "used_mib": _int(cells[-2]),
-            "gpu_uuid": cells[-1] or None,
-        })
+        apps.append(
+            {
+                "pid": _int(cells[0]),
+                "name": ", ".join(cells[1:-2]),
+                "used_mib": _int(cells[-2]),
+                "gpu_uuid": cells[-1] or None,
+            }
+        )
     return apps
 
 
@@ -215,25 +218,34 @@ def gpus_from_nvml():
                 procs = []
                 for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
                     used = getattr(proc, "usedGpuMemory", None)
-                    procs.append({
-                        "pid": int(proc.pid),
-                        "name": _process_name(int(proc.pid)),
-                        "used_mib": int(used) // MIB if isinstance(used, int) else None,
-                        "gpu_uuid": uuid,
-                    })
+                    procs.append(
+                        {
+                            "pid": int(proc.pid),
+                            "name": _process_name(int(proc.pid)),
+                            "used_mib": int(used) // MIB if isinstance(used, int) else None,
+                            "gpu_uuid": uuid,
+                        }
+                    )
             except Exception:
                 procs = None
-            devices.append({
-                "index": index,
-                "uuid": uuid,
-                "name": _decode(pynvml.nvmlDeviceGetName(handle)),
-                "memory_total_mib": int(mem.total) // MIB,
-                "memory_used_mib": int(mem.used) // MIB,
-                "memory_free_mib": int(mem.free) // MIB,
-                "processes": procs,
-            })
-        return {"source": "nvml", "driver_version": driver, "cuda_version": cuda,
-                "devices": devices, "error": None}, None
+            devices.append(
+                {
+                    "index": index,
+                    "uuid": uuid,
+                    "name": _decode(pynvml.nvmlDeviceGetName(handle)),
+                    "memory_total_mib": int(mem.total) // MIB,
+                    "memory_used_mib": int(mem.used) // MIB,
+                    "memory_free_mib": int(mem.free) // MIB,
+                    "processes": procs,
+                }
+            )
+        return {
+            "source": "nvml",
+            "driver_version": driver,
+            "cuda_version": cuda,
+            "devices": devices,
+            "error": None,
+        }, None
     except Exception as exc:
         return None, f"NVML query failed: {exc}"
     finally:
@@ -269,8 +281,13 @@ def gpus_from_nvidia_smi(cmds, nvml_error):
             ]
     code, out, _ = cmds.result("smi-version")
     cuda = parse_cuda_version(out) if code == 0 else None
-    return {"source": "nvidia-smi", "driver_version": driver, "cuda_version": cuda,
-            "devices": gpus, "error": None if gpus else "nvidia-smi lists no GPU"}
+    return {
+        "source": "nvidia-smi",
+        "driver_version": driver,
+        "cuda_version": cuda,
+        "devices": gpus,
+        "error": None if gpus else "nvidia-smi lists no GPU",
+    }
 
 
 def parse_systemctl_show(text, names):
@@ -383,8 +400,12 @@ def listeners(errors):
     except (OSError, ValueError) as exc:
         try:
             out = subprocess.run(
-                ["ss", "-ltnH"], stdin=subprocess.DEVNULL, capture_output=True,
-                text=True, timeout=5, check=True,
+                ["ss", "-ltnH"],
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                timeout=5,
+                check=True,
             ).stdout
             found = parse_ss(out)
         except (OSError, subprocess.SubprocessError) as exc2:
@@ -472,8 +493,9 @@ def probe(args):
     facts = {
         "probe_version": PROBE_VERSION,
         "hostname": socket.gethostname(),
-        "boot_id": _part(errors, "boot id", lambda: read_text(
-            "/proc/sys/kernel/random/boot_id").strip()),
+        "boot_id": _part(
+            errors, "boot id", lambda: read_text("/proc/sys/kernel/random/boot_id").strip()
+        ),
         "collected_at": round(time.time(), 3),
         "cpu_count": os.cpu_count() or 1,
         "cpu_usable": _part(errors, "cpu affinity", lambda: len(os.sched_getaffinity(0))),
@@ -487,7 +509,10 @@ def probe(args):
     facts["deployed_error"] = state_error
     if gpu is None:
         gpu = _part(errors, "gpu", gpus_from_nvidia_smi, cmds, nvml_error) or {
-            "source": "none", "devices": [], "error": "GPU query failed (see errors)"}
+            "source": "none",
+            "devices": [],
+            "error": "GPU query failed (see errors)",
+        }
     facts["gpu"] = gpu
     found = _part(errors, "units", units, cmds, names, errors) or {}
     facts["flux"] = found.get(args.flux_unit, {"name": args.flux_unit})

@@ -1,7 +1,8 @@
 """Pull one model revision from S3 onto this host, resumably, and land it atomically.
 
-Runs ON THE GPU HOST with the service venv's python, sent on stdin (``python - ARGS``), so it
-is one self-contained file: the standard library plus boto3/botocore, nothing else.
+Runs ON THE GPU HOST with the service venv's python (3.10 or newer), sent on stdin
+(``python - ARGS``), so it is one self-contained file: the standard library plus
+boto3/botocore, nothing else.
 
     python - --bucket B --prefix models/x/ --models-dir /opt/models --name x
              [--revision R] [--concurrency 16] [--part-size 64M] [--disk-margin-bytes 2G]
@@ -67,7 +68,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from typing import Any
 
 MANIFEST = "manifest.json"
@@ -79,8 +80,10 @@ ETAG_RE = re.compile(r"^([0-9a-f]{32})(?:-(\d+))?$")
 MIB = 1 << 20
 # Part sizes uploaders commonly use (aws cli/boto3 8 MiB, s3cmd 15 MiB, rclone/hf 5 MiB, ...).
 COMMON_PART_SIZES = tuple(
-    sorted({n * MIB for n in (5, 8, 10, 15, 16, 25, 32, 50, 64, 100, 128, 256, 512, 1024)}
-           | {n * 1000 * 1000 for n in (5, 8, 10, 16, 50, 64, 100)})
+    sorted(
+        {n * MIB for n in (5, 8, 10, 15, 16, 25, 32, 50, 64, 100, 128, 256, 512, 1024)}
+        | {n * 1000 * 1000 for n in (5, 8, 10, 16, 50, 64, 100)}
+    )
 )
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_SOURCE, EXIT_DISK, EXIT_CORRUPT, EXIT_BUSY = range(7)
@@ -179,8 +182,9 @@ def safe_relpath(prefix: str, key: str) -> str | None:
     )
     if bad:
         raise PullError(
-            "source", f"refusing object key {key!r}: its path below the prefix is not a safe "
-            f"relative file path (or uses the reserved names {JOURNAL_DIR!r}/{MANIFEST!r})"
+            "source",
+            f"refusing object key {key!r}: its path below the prefix is not a safe "
+            f"relative file path (or uses the reserved names {JOURNAL_DIR!r}/{MANIFEST!r})",
         )
     return rel
 
@@ -193,8 +197,10 @@ def check_layout(objects: list[RemoteObject]) -> None:
         for i in range(1, len(parts)):
             parent = "/".join(parts[:i])
             if parent in files:
-                raise PullError("source", f"key {obj.key!r} needs {parent!r} as a directory, "
-                                "but it is also a file")
+                raise PullError(
+                    "source",
+                    f"key {obj.key!r} needs {parent!r} as a directory, but it is also a file",
+                )
 
 
 def compute_revision(objects: list[RemoteObject]) -> str:
@@ -213,9 +219,7 @@ def _boto() -> tuple[Any, Any, Any]:
         import botocore.config
         import botocore.exceptions
     except ImportError as exc:  # pragma: no cover - the venv always has boto3
-        raise PullError(
-            "internal", f"boto3 is not installed for {sys.executable}: {exc}"
-        ) from None
+        raise PullError("internal", f"boto3 is not installed for {sys.executable}: {exc}") from None
     return boto3, botocore.config, botocore.exceptions
 
 
@@ -241,8 +245,10 @@ def classify(exc: BaseException, what: str) -> PullError:
     if isinstance(exc, PullError):
         return exc
     if isinstance(exc, bexc.NoCredentialsError | bexc.PartialCredentialsError):
-        return PullError("access_denied", f"{what}: no AWS credentials on this host "
-                         "(instance profile, environment or ~/.aws)")
+        return PullError(
+            "access_denied",
+            f"{what}: no AWS credentials on this host (instance profile, environment or ~/.aws)",
+        )
     if isinstance(exc, bexc.ClientError):
         err = exc.response.get("Error", {})
         code = str(err.get("Code", ""))
@@ -252,12 +258,26 @@ def classify(exc: BaseException, what: str) -> PullError:
             return PullError("not_found", f"{what}: the bucket does not exist")
         if code in ("NoSuchKey", "404", "NotFound") or status == 404:
             return PullError("changed", f"{what}: the object is gone (deleted during the pull?)")
-        if code in ("AccessDenied", "403", "Forbidden", "InvalidAccessKeyId",
-                    "SignatureDoesNotMatch", "ExpiredToken", "AllAccessDisabled") or status == 403:
+        if (
+            code
+            in (
+                "AccessDenied",
+                "403",
+                "Forbidden",
+                "InvalidAccessKeyId",
+                "SignatureDoesNotMatch",
+                "ExpiredToken",
+                "AllAccessDisabled",
+            )
+            or status == 403
+        ):
             return PullError("access_denied", f"{what}: access denied ({detail})")
         if code in ("PreconditionFailed", "412") or status == 412:
-            return PullError("changed", f"{what}: the object changed during the pull "
-                             "(its ETag no longer matches); run again to fetch the new version")
+            return PullError(
+                "changed",
+                f"{what}: the object changed during the pull "
+                "(its ETag no longer matches); run again to fetch the new version",
+            )
         return PullError("source", f"{what}: S3 error {code or status}: {detail}")
     if isinstance(exc, bexc.EndpointConnectionError | bexc.ConnectTimeoutError):
         return PullError("endpoint", f"{what}: cannot reach the S3 endpoint ({exc})")
@@ -348,6 +368,7 @@ def multipart_etag(part_md5s: list[bytes]) -> str:
 
 def candidate_part_sizes(size: int, parts: int, known: int | None = None) -> list[int]:
     """Part sizes that split ``size`` bytes into exactly ``parts`` parts, likeliest first."""
+
     def fits(p: int) -> bool:
         return p > 0 and -(-size // p) == parts
 
@@ -370,8 +391,9 @@ class Digests:
     part_sha256: dict[int, list[bytes]] = field(default_factory=dict)
 
 
-def hash_file(path: str, part_sizes: list[int], sha_parts: bool,
-              stop: threading.Event | None = None) -> Digests:
+def hash_file(
+    path: str, part_sizes: list[int], sha_parts: bool, stop: threading.Event | None = None
+) -> Digests:
     """One read of the file: whole md5/sha256 and per-part digests for each part size."""
     whole_md5 = hashlib.md5(usedforsecurity=False)
     whole_sha = hashlib.sha256()
@@ -415,8 +437,9 @@ def hash_file(path: str, part_sizes: list[int], sha_parts: bool,
     return out
 
 
-def verify_file(path: str, obj: RemoteObject, meta: ObjectMeta,
-                stop: threading.Event | None = None) -> dict[str, Any]:
+def verify_file(
+    path: str, obj: RemoteObject, meta: ObjectMeta, stop: threading.Event | None = None
+) -> dict[str, Any]:
     """Check a finished file; a manifest record, or PullError("corrupt")."""
     where = obj.key
     actual = os.path.getsize(path)
@@ -434,8 +457,12 @@ def verify_file(path: str, obj: RemoteObject, meta: ObjectMeta,
         part_sizes = candidate_part_sizes(obj.size, composite, meta.part_size)
     digests = hash_file(path, part_sizes, sha_parts=composite is not None, stop=stop)
     record: dict[str, Any] = {
-        "path": obj.rel, "key": obj.key, "size": obj.size, "etag": obj.etag,
-        "sha256": digests.sha256, "verified_by": "size-only",
+        "path": obj.rel,
+        "key": obj.key,
+        "size": obj.size,
+        "etag": obj.etag,
+        "sha256": digests.sha256,
+        "verified_by": "size-only",
     }
     if checksum and composite is None:
         if base64.b64encode(bytes.fromhex(digests.sha256)).decode() != checksum:
@@ -501,8 +528,12 @@ class Journal:
         try:
             with open(path, encoding="utf-8") as fh:
                 data = json.load(fh)
-            same = (data.get("key") == obj.key and data.get("size") == obj.size
-                    and data.get("etag") == obj.etag and int(data.get("chunk_size") or 0) > 0)
+            same = (
+                data.get("key") == obj.key
+                and data.get("size") == obj.size
+                and data.get("etag") == obj.etag
+                and int(data.get("chunk_size") or 0) > 0
+            )
             if not same:
                 return fresh, False
             journal = cls(path, obj, int(data["chunk_size"]))
@@ -514,9 +545,14 @@ class Journal:
         return journal, True
 
     def save(self) -> None:
-        data = {"key": self.obj.key, "size": self.obj.size, "etag": self.obj.etag,
-                "chunk_size": self.chunk_size, "done": sorted(self.done),
-                "verified": self.verified}
+        data = {
+            "key": self.obj.key,
+            "size": self.obj.size,
+            "etag": self.obj.etag,
+            "chunk_size": self.chunk_size,
+            "done": sorted(self.done),
+            "verified": self.verified,
+        }
         tmp = f"{self.path}.tmp"
         with open(tmp, "w", encoding="utf-8") as fh:
             json.dump(data, fh, separators=(",", ":"))
@@ -560,9 +596,15 @@ class Progress:
         rate = (fetched - f0) / (now - t0) if now - t0 > 0.05 else 0.0
         remaining = max(0, self.total - present)
         eta = round(remaining / rate, 1) if rate > 0 else None
-        return {"bytes": present, "total": self.total, "fetched": fetched,
-                "rate_bps": int(rate), "eta_s": eta, "files_done": files_done,
-                "files": self.files}
+        return {
+            "bytes": present,
+            "total": self.total,
+            "fetched": fetched,
+            "rate_bps": int(rate),
+            "eta_s": eta,
+            "files_done": files_done,
+            "files": self.files,
+        }
 
 
 class RateLimiter:
@@ -720,40 +762,79 @@ class Puller:
                 return done
             return self.pull(objects, revision, final)
 
-    def try_present(self, final: str, revision: str,
-                    objects: list[RemoteObject] | None) -> int | None:
+    def try_present(
+        self, final: str, revision: str, objects: list[RemoteObject] | None
+    ) -> int | None:
         manifest = read_manifest(final)
         if manifest is None:
             return None
         if self.args.verify_only:
             bad = deep_verify(final, manifest, self.stop)
             if bad:
-                raise PullError("corrupt", f"{final}: {len(bad)} file(s) do not match the "
-                                f"manifest: {', '.join(bad[:5])}")
-            self.finish("verified", final, revision, manifest, 0, 0,
-                        f"{final} verified against its manifest")
+                raise PullError(
+                    "corrupt",
+                    f"{final}: {len(bad)} file(s) do not match the manifest: {', '.join(bad[:5])}",
+                )
+            self.finish(
+                "verified",
+                final,
+                revision,
+                manifest,
+                0,
+                0,
+                f"{final} verified against its manifest",
+            )
             return EXIT_OK
         if not manifest_sizes_ok(final, manifest):
-            self.emit("warning", message=f"{final} exists but does not match its manifest; "
-                      "pulling it again")
+            self.emit(
+                "warning",
+                message=f"{final} exists but does not match its manifest; pulling it again",
+            )
             return None
         if objects is not None and not manifest_matches(manifest, objects):
-            self.emit("warning", message=f"{final} was pulled from different objects than "
-                      f"{self.where()} now holds (revision {revision!r} reused?)")
-        self.finish("present", final, revision, manifest, 0, 0,
-                    f"{self.args.name} revision {revision} already present at {final}")
+            self.emit(
+                "warning",
+                message=f"{final} was pulled from different objects than "
+                f"{self.where()} now holds (revision {revision!r} reused?)",
+            )
+        self.finish(
+            "present",
+            final,
+            revision,
+            manifest,
+            0,
+            0,
+            f"{self.args.name} revision {revision} already present at {final}",
+        )
         return EXIT_OK
 
-    def finish(self, status: str, final: str, revision: str, manifest: dict[str, Any],
-               fetched: int, resumed: int, message: str) -> None:
+    def finish(
+        self,
+        status: str,
+        final: str,
+        revision: str,
+        manifest: dict[str, Any],
+        fetched: int,
+        resumed: int,
+        message: str,
+    ) -> None:
         elapsed = time.monotonic() - self.started
         unverified = [f["path"] for f in manifest["files"] if f.get("verified_by") == "size-only"]
-        self.emit("done", status=status, name=self.args.name, revision=revision, path=final,
-                  total=sum(int(f["size"]) for f in manifest["files"]),
-                  files=len(manifest["files"]), fetched_bytes=fetched, resumed_bytes=resumed,
-                  elapsed_s=round(elapsed, 2),
-                  rate_bps=int(fetched / elapsed) if elapsed > 0 else 0,
-                  unverified=unverified, message=message)
+        self.emit(
+            "done",
+            status=status,
+            name=self.args.name,
+            revision=revision,
+            path=final,
+            total=sum(int(f["size"]) for f in manifest["files"]),
+            files=len(manifest["files"]),
+            fetched_bytes=fetched,
+            resumed_bytes=resumed,
+            elapsed_s=round(elapsed, 2),
+            rate_bps=int(fetched / elapsed) if elapsed > 0 else 0,
+            unverified=unverified,
+            message=message,
+        )
 
     @contextlib.contextmanager
     def flock(self) -> Any:
@@ -763,8 +844,9 @@ class Puller:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise PullError("busy", f"another pull of {self.args.name} is running on this "
-                                "host") from None
+                raise PullError(
+                    "busy", f"another pull of {self.args.name} is running on this host"
+                ) from None
             yield
         finally:
             os.close(fd)
@@ -776,13 +858,19 @@ class Puller:
         jdir = os.path.join(staging, JOURNAL_DIR)
         states = [self.load_state(obj, staging, jdir) for obj in objects]
         total = sum(o.size for o in objects)
-        need = sum(max(0, st.obj.size - allocated_bytes(st.dest)) for st in states
-                   if st.journal.verified is None)
+        need = sum(
+            max(0, st.obj.size - allocated_bytes(st.dest))
+            for st in states
+            if st.journal.verified is None
+        )
         free, mount = free_bytes(self.name_dir)
         if free < need + args.disk_margin_bytes:
-            raise PullError("disk", f"not enough free disk for {args.name} under {mount}: need "
-                            f"{human_bytes(need)} + {human_bytes(args.disk_margin_bytes)} margin,"
-                            f" {human_bytes(free)} free")
+            raise PullError(
+                "disk",
+                f"not enough free disk for {args.name} under {mount}: need "
+                f"{human_bytes(need)} + {human_bytes(args.disk_margin_bytes)} margin,"
+                f" {human_bytes(free)} free",
+            )
         try:
             os.makedirs(jdir, mode=0o755, exist_ok=True)
         except OSError as exc:
@@ -790,9 +878,17 @@ class Puller:
         resumed = sum(st.journal.done_bytes() for st in states)
         todo = [st for st in states if st.journal.verified is None]
         progress = Progress(total, resumed, len(states), len(states) - len(todo))
-        self.emit("start", name=args.name, revision=revision, files=len(states), total=total,
-                  to_fetch=total - resumed, resumed_bytes=resumed, staging=staging,
-                  source=self.where())
+        self.emit(
+            "start",
+            name=args.name,
+            revision=revision,
+            files=len(states),
+            total=total,
+            to_fetch=total - resumed,
+            resumed_bytes=resumed,
+            staging=staging,
+            source=self.where(),
+        )
         reporter = threading.Thread(target=self.report, args=(progress,), daemon=True)
         reporter.start()
         try:
@@ -815,8 +911,11 @@ class Puller:
         jpath = os.path.join(jdir, obj.rel + ".json")
         journal, reusable = Journal.load(jpath, obj, self.args.part_size)
         if not reusable and os.path.exists(dest):
-            self.emit("warning", message=f"{obj.rel}: staged data is for another version of "
-                      "the object; fetching it anew")
+            self.emit(
+                "warning",
+                message=f"{obj.rel}: staged data is for another version of "
+                "the object; fetching it anew",
+            )
             os.unlink(dest)
         if (journal.done or journal.verified) and (
             not os.path.isfile(dest) or os.path.getsize(dest) != obj.size
@@ -848,8 +947,7 @@ class Puller:
         st.fd = fd
 
     def transfer(self, todo: list[FileState], progress: Progress) -> None:
-        pool = cf.ThreadPoolExecutor(max_workers=self.args.concurrency,
-                                     thread_name_prefix="pull")
+        pool = cf.ThreadPoolExecutor(max_workers=self.args.concurrency, thread_name_prefix="pull")
         futures: dict[cf.Future[Any], tuple[str, FileState]] = {}
         failure: PullError | None = None
         try:
@@ -887,8 +985,12 @@ class Puller:
                     elif kind == "verify":
                         with progress.lock:
                             progress.files_done += 1
-                        self.emit("file", path=st.obj.rel, size=st.obj.size,
-                                  verified_by=result["verified_by"])
+                        self.emit(
+                            "file",
+                            path=st.obj.rel,
+                            size=st.obj.size,
+                            verified_by=result["verified_by"],
+                        )
                 if failure is not None:
                     self.stop.set()
                     for fut in list(futures):
@@ -918,8 +1020,11 @@ class Puller:
                     raise PullError("interrupted", "interrupted") from None
                 if attempt + 1 >= attempts or not is_transient(exc):
                     if isinstance(exc, ShortRead):
-                        raise PullError("source", f"{self.where(st.obj)}: the object ended "
-                                        f"early ({exc}); staging kept for resume") from None
+                        raise PullError(
+                            "source",
+                            f"{self.where(st.obj)}: the object ended "
+                            f"early ({exc}); staging kept for resume",
+                        ) from None
                     raise
                 self.stop.wait(min(8.0, 0.5 * 2**attempt))
         os.fdatasync(st.fd)  # data on disk before the journal says so
@@ -929,12 +1034,17 @@ class Puller:
             st.journal.save()
             return not st.pending
 
-    def fetch_range(self, st: FileState, start: int, end: int, progress: Progress,
-                    counter: list[int]) -> None:
+    def fetch_range(
+        self, st: FileState, start: int, end: int, progress: Progress, counter: list[int]
+    ) -> None:
         if self.stop.is_set():
             raise PullError("interrupted", "interrupted")
-        resp = self.s3.get_object(Bucket=self.args.bucket, Key=st.obj.key,
-                                  Range=f"bytes={start}-{end - 1}", IfMatch=f'"{st.obj.etag}"')
+        resp = self.s3.get_object(
+            Bucket=self.args.bucket,
+            Key=st.obj.key,
+            Range=f"bytes={start}-{end - 1}",
+            IfMatch=f'"{st.obj.etag}"',
+        )
         body = resp["Body"]
         offset = start
         try:
@@ -972,16 +1082,26 @@ class Puller:
             with contextlib.suppress(OSError):
                 os.unlink(path)
 
-    def land(self, states: list[FileState], revision: str, final: str, staging: str,
-             fetched: int, resumed: int) -> int:
+    def land(
+        self,
+        states: list[FileState],
+        revision: str,
+        final: str,
+        staging: str,
+        fetched: int,
+        resumed: int,
+    ) -> int:
         args = self.args
         records = [st.journal.verified for st in states]
         if any(r is None for r in records):  # pragma: no cover - transfer verifies them all
             raise PullError("internal", "a file was not verified")
         for rec in records:
             if rec and rec["verified_by"] == "size-only":
-                self.emit("warning", message=f"{rec['path']}: could not be verified against S3 "
-                          "(no MD5 ETag or checksum usable); its sha256 is in the manifest")
+                self.emit(
+                    "warning",
+                    message=f"{rec['path']}: could not be verified against S3 "
+                    "(no MD5 ETag or checksum usable); its sha256 is in the manifest",
+                )
         keep = {st.obj.rel for st in states}
         for root, dirs, files in os.walk(staging, topdown=True):
             rel_root = os.path.relpath(root, staging)
@@ -1002,9 +1122,13 @@ class Puller:
             "format": MANIFEST_FORMAT,
             "name": args.name,
             "revision": revision,
-            "source": {"bucket": args.bucket, "prefix": args.prefix,
-                       "endpoint": args.endpoint_url or os.environ.get("AWS_ENDPOINT_URL")},
-            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "source": {
+                "bucket": args.bucket,
+                "prefix": args.prefix,
+                "endpoint": args.endpoint_url or os.environ.get("AWS_ENDPOINT_URL"),
+            },
+            # timezone.utc, not datetime.UTC: the host's python may be older than 3.11.
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),  # noqa: UP017
             "total_bytes": sum(st.obj.size for st in states),
             "files": records,
         }
@@ -1025,8 +1149,15 @@ class Puller:
         self.staging = None
         if trash:
             shutil.rmtree(trash, ignore_errors=True)
-        self.finish("pulled", final, revision, manifest, fetched, resumed,
-                    f"{args.name} revision {revision} pulled to {final}")
+        self.finish(
+            "pulled",
+            final,
+            revision,
+            manifest,
+            fetched,
+            resumed,
+            f"{args.name} revision {revision} pulled to {final}",
+        )
         return EXIT_OK
 
 
@@ -1055,8 +1186,9 @@ def build_parser() -> argparse.ArgumentParser:
 def check_args(args: argparse.Namespace) -> None:
     if not NAME_RE.fullmatch(args.name) or ".." in args.name:
         raise PullError("usage", f"invalid model name {args.name!r}")
-    if args.revision is not None and (not NAME_RE.fullmatch(args.revision)
-                                      or ".." in args.revision):
+    if args.revision is not None and (
+        not NAME_RE.fullmatch(args.revision) or ".." in args.revision
+    ):
         raise PullError("usage", f"invalid revision {args.revision!r}")
     if not args.prefix.endswith("/") or args.prefix.startswith("/"):
         raise PullError("usage", f"prefix {args.prefix!r} must end with '/' and not start with it")
@@ -1070,8 +1202,15 @@ def check_args(args: argparse.Namespace) -> None:
         raise PullError("usage", "--progress-interval must be at least 0.1 s")
 
 
-def main(argv: list[str] | None = None) -> int:
-    stop = threading.Event()
+def main(
+    argv: list[str] | None = None,
+    *,
+    stop: threading.Event | None = None,
+    signals: list[int] | None = None,
+) -> int:
+    """Run one pull; ``stop`` ends it early, ``signals`` lists the signals that set it."""
+    stop = stop or threading.Event()
+    received = signals if signals is not None else []
     emit = Emitter(stop)
     try:
         args = build_parser().parse_args(argv)
@@ -1080,15 +1219,6 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_OK
         emit("error", code="usage", message="bad arguments (see stderr)", staging=None)
         return EXIT_USAGE
-    received: list[int] = []
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        received.append(signum)
-        stop.set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, on_signal)
-    os.umask(0o022)  # weights are not secret; the service user must read them
     puller: Puller | None = None
     try:
         check_args(args)
@@ -1099,8 +1229,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a bug, or an exception boto3 raised outside our mapping
         err = classify(exc, "pull")
     if received and err.code not in ("corrupt",):
-        err = PullError("interrupted", f"interrupted by signal {received[0]}; staging kept "
-                        "for resume")
+        err = PullError(
+            "interrupted", f"interrupted by signal {received[0]}; staging kept for resume"
+        )
     staging = puller.staging if puller is not None else None
     if staging is not None and not os.path.isdir(staging):
         staging = None
@@ -1108,5 +1239,20 @@ def main(argv: list[str] | None = None) -> int:
     return EXIT_FOR_CODE.get(err.code, EXIT_INTERNAL)
 
 
+def entry() -> int:
+    """The process entry: signals end the pull cleanly (journals stay consistent)."""
+    stop = threading.Event()
+    received: list[int] = []
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        received.append(signum)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, on_signal)
+    os.umask(0o022)  # weights are not secret; the service user must read them
+    return main(stop=stop, signals=received)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

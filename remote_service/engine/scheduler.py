@@ -46,7 +46,8 @@ class Sequence:
     """One request in flight. Identity (not value) equality: runners key rows on it."""
 
     request: GenerationRequest
-    deliver: Callable[[Delta], None]
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[Delta]
     decoder: IncrementalDecoder
     stop: StopMatcher
     arrived: float = field(default_factory=time.perf_counter)
@@ -108,6 +109,17 @@ class DeltaStream:
         if self._done:
             raise StopAsyncIteration
         delta = await self._queue.get()
+        # A consumer that fell behind gets everything pending as one delta: fewer, larger
+        # SSE events instead of a backlog of one-token events.
+        while delta.finish_reason is None and not self._queue.empty():
+            nxt = self._queue.get_nowait()
+            delta = Delta(
+                delta.text + nxt.text,
+                nxt.completion_tokens,
+                nxt.prompt_tokens,
+                nxt.finish_reason,
+                nxt.error,
+            )
         if delta.finish_reason is not None:
             self._done = True
             self.close()
@@ -155,6 +167,8 @@ class BatchScheduler:
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name=f"{name}-worker", daemon=True)
         self.fatal_error: str | None = None
+        self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[Delta], Delta]]]
+        self._outbox = {}
         self._finished = 0
         self._tokens = 0
         self._recent: collections.deque[tuple[float, int]] = collections.deque()
@@ -184,14 +198,10 @@ class BatchScheduler:
         """Queue ``request``; raise at once if it cannot be taken. Call from the event loop."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Delta] = asyncio.Queue()
-
-        def deliver(delta: Delta) -> None:
-            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening
-                loop.call_soon_threadsafe(queue.put_nowait, delta)
-
         seq = Sequence(
             request=request,
-            deliver=deliver,
+            loop=loop,
+            queue=queue,
             decoder=IncrementalDecoder(self._decode, request.prompt_ids),
             stop=StopMatcher(request.params.stop),
         )
@@ -248,7 +258,20 @@ class BatchScheduler:
                 if failures >= _MAX_CONSECUTIVE_FAILURES:
                     self.fatal_error = f"engine stopped after repeated failures: {exc}"
                     break
+            finally:
+                self._flush()
         self._abort_all("server shutting down" if self.fatal_error is None else self.fatal_error)
+        self._flush()
+
+    def _post(self, seq: Sequence, delta: Delta) -> None:
+        self._outbox.setdefault(seq.loop, []).append((seq.queue, delta))
+
+    def _flush(self) -> None:
+        """Hand this step's deltas to their event loops: one wake-up per loop, not per token."""
+        outbox, self._outbox = self._outbox, {}
+        for loop, items in outbox.items():
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening
+                loop.call_soon_threadsafe(_put_all, items)
 
     def _step(self) -> None:
         self._drop_cancelled()
@@ -322,7 +345,7 @@ class BatchScheduler:
             tail = seq.stop.feed(seq.decoder.flush())[0]
             return self._finish(seq, "length", extra=text + tail + seq.stop.flush())
         if text:
-            seq.deliver(Delta(text, n, seq.prompt_len))
+            self._post(seq, Delta(text, n, seq.prompt_len))
         return None
 
     def _finish(self, seq: Sequence, reason: str, extra: str = "", error: str | None = None) -> str:
@@ -334,7 +357,7 @@ class BatchScheduler:
             self._observer.finished(
                 reason, seq.prompt_len, len(seq.generated), end - seq.arrived, queued
             )
-        seq.deliver(Delta(extra, len(seq.generated), seq.prompt_len, reason, error))
+        self._post(seq, Delta(extra, len(seq.generated), seq.prompt_len, reason, error))
         return reason
 
     def _finish_many(self, seqs: list[Sequence], reason: str, error: str | None = None) -> None:
@@ -360,3 +383,8 @@ class BatchScheduler:
         self._running = []
         with contextlib.suppress(Exception):
             self._runner.reset()
+
+
+def _put_all(items: list[tuple[asyncio.Queue[Delta], Delta]]) -> None:
+    for queue, delta in items:
+        queue.put_nowait(delta)

@@ -190,7 +190,11 @@ def staging_dirs(models_dir: Path) -> list[Path]:
 
 def final_dirs(models_dir: Path) -> list[Path]:
     name_dir = models_dir / "demo"
-    return sorted(p for p in name_dir.glob("*") if not p.name.startswith(".")) if name_dir.exists() else []
+    return (
+        sorted(p for p in name_dir.glob("*") if not p.name.startswith("."))
+        if name_dir.exists()
+        else []
+    )
 
 
 def assert_landed(path: Path, model: Model) -> dict:
@@ -210,7 +214,15 @@ def start_slow_pull(
     """A rate-limited pull, returned once it has reported ``until_bytes``."""
     proc = subprocess.Popen(
         _argv(
-            model, models_dir, "--max-rate", "4M", "--part-size", "256K", "--concurrency", "2", *extra
+            model,
+            models_dir,
+            "--max-rate",
+            "4M",
+            "--part-size",
+            "256K",
+            "--concurrency",
+            "2",
+            *extra,
         ),
         env=moto.env,
         stdout=subprocess.PIPE,

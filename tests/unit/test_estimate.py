@@ -50,8 +50,9 @@ def meta(name: str):  # type: ignore[no-untyped-def]
         ("mistral_policy_analysis", 0.150, 0.30),  # catalog: 0.149B, 0.298 GB
     ],
 )
-def test_parameter_count_and_size_from_headers(name: str, params_b: float, stored_gb: float
-                                               ) -> None:  # fmt: skip
+def test_parameter_count_and_size_from_headers(
+    name: str, params_b: float, stored_gb: float
+) -> None:
     m = meta(name)
     assert m.weights.parameters / 1e9 == pytest.approx(params_b, abs=0.001)
     assert m.weights.stored_bytes / GB == pytest.approx(stored_gb, abs=0.01)
@@ -115,8 +116,11 @@ def test_kv_cache_and_context_cap() -> None:
     assert est.kv_bytes_per_token == per_token
     assert est.needs["none"].kv_cache_bytes == per_token * 4096 * 4
     # the policy asks for more context than the model has: capped by config.json
-    small = estimate(meta("mistral_policy_analysis"), CATALOG.models["mistral_policy_analysis"],
-                     PolicyConfig(context_tokens=65536, concurrent_seqs=2))  # fmt: skip
+    small = estimate(
+        meta("mistral_policy_analysis"),
+        CATALOG.models["mistral_policy_analysis"],
+        PolicyConfig(context_tokens=65536, concurrent_seqs=2),
+    )
     assert small.context_tokens == 8192
     assert small.needs["none"].kv_cache_bytes == 2 * 16 * 4 * 64 * 2 * 8192 * 2
 
@@ -124,12 +128,16 @@ def test_kv_cache_and_context_cap() -> None:
 def test_need_is_the_sum_of_its_parts_and_bnb_pays_a_dequant_buffer() -> None:
     est = estimate(meta("deepseek-r1-8b"), CATALOG.models["deepseek-r1-8b"], PolicyConfig())
     for need in est.needs.values():
-        assert need.gpu_bytes == (need.weights_bytes + need.kv_cache_bytes
-                                  + need.activation_bytes + need.runtime_bytes)  # fmt: skip
+        assert need.gpu_bytes == (
+            need.weights_bytes + need.kv_cache_bytes + need.activation_bytes + need.runtime_bytes
+        )
     assert est.needs["none"].runtime_bytes == CUDA_CONTEXT_BYTES
     assert est.needs["bnb-4bit"].runtime_bytes == CUDA_CONTEXT_BYTES + 2 * 14336 * 4096
-    assert (est.needs["none"].gpu_bytes > est.needs["bnb-8bit"].gpu_bytes
-            > est.needs["bnb-4bit"].gpu_bytes)  # fmt: skip
+    assert (
+        est.needs["none"].gpu_bytes
+        > est.needs["bnb-8bit"].gpu_bytes
+        > est.needs["bnb-4bit"].gpu_bytes
+    )
 
 
 @pytest.mark.parametrize(
@@ -177,7 +185,9 @@ def test_header_parsing() -> None:
     n = header_length(raw[:8])
     tensors, data_end = parse_header(raw[8 : 8 + n])
     assert [(t.name, t.dtype, t.shape, t.nbytes) for t in tensors] == [
-        ("a.weight", "BF16", (4, 8), 64), ("b", "F32", (3,), 12)]  # fmt: skip
+        ("a.weight", "BF16", (4, 8), 64),
+        ("b", "F32", (3,), 12),
+    ]
     assert data_end == 76 and len(raw) == 8 + n + data_end
     for bad in (b"\x01\x00", struct.pack("<Q", 1), struct.pack("<Q", 2**40)):
         with pytest.raises(ModelSourceError):
@@ -215,7 +225,7 @@ class RecordingClient:
 
 
 @pytest.fixture
-def s3(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+def moto_s3(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
         monkeypatch.setenv(key, "testing")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-west-2")
@@ -223,8 +233,9 @@ def s3(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
     monkeypatch.delenv("AWS_PROFILE", raising=False)
     with mock_aws():
         client = boto3.client("s3", region_name="us-west-2")
-        client.create_bucket(Bucket=BUCKET,
-                             CreateBucketConfiguration={"LocationConstraint": "us-west-2"})
+        client.create_bucket(
+            Bucket=BUCKET, CreateBucketConfiguration={"LocationConstraint": "us-west-2"}
+        )
         yield client
 
 
@@ -234,9 +245,9 @@ def _spec(name: str, prefix: str | None = None) -> ModelSpec:
 
 
 @pytest.mark.parametrize("name", ["qwen3-14b", "qwen3-coder-30b", "qwen3-14b-awq"])
-def test_s3_metadata_equals_the_local_computation(s3: Any, name: str) -> None:
+def test_s3_metadata_equals_the_local_computation(moto_s3: Any, name: str) -> None:
     spec = CATALOG.models[name]
-    ms.upload(s3, BUCKET, spec.s3_prefix, name)
+    ms.upload(moto_s3, BUCKET, spec.s3_prefix, name)
     client = RecordingClient(make_s3_client(S3Config()))
     got = S3MetadataReader(client, BUCKET).read(spec)
     want = meta(name)
@@ -255,9 +266,9 @@ def test_s3_metadata_equals_the_local_computation(s3: Any, name: str) -> None:
     assert got.bytes_read < 4_000_000  # headers only: a few hundred KB per shard at most
 
 
-def test_long_header_takes_a_second_ranged_get(s3: Any) -> None:
+def test_long_header_takes_a_second_ranged_get(moto_s3: Any) -> None:
     spec = CATALOG.models["qwen3-coder-30b"]  # 18k expert tensors: headers over 64 KiB
-    ms.upload(s3, BUCKET, spec.s3_prefix, "qwen3-coder-30b")
+    ms.upload(moto_s3, BUCKET, spec.s3_prefix, "qwen3-coder-30b")
     client = RecordingClient(make_s3_client(S3Config()))
     S3MetadataReader(client, BUCKET).read(spec)
     ranges = [r for k, r in client.gets if k.endswith("00001-of-00013.safetensors")]
@@ -265,19 +276,29 @@ def test_long_header_takes_a_second_ranged_get(s3: Any) -> None:
     assert ranges[1] is not None and ranges[1].startswith("bytes=65536-")
 
 
-def test_single_file_checkpoint_without_index(s3: Any) -> None:
-    items = [TensorInfo("model.embed_tokens.weight", "F32", (64, 16), 64 * 16 * 4),
-             TensorInfo("model.layers.0.mlp.up_proj.weight", "F32", (32, 16), 32 * 16 * 4),
-             TensorInfo("model.norm.weight", "F32", (16,), 64)]  # fmt: skip
+def test_single_file_checkpoint_without_index(moto_s3: Any) -> None:
+    items = [
+        TensorInfo("model.embed_tokens.weight", "F32", (64, 16), 64 * 16 * 4),
+        TensorInfo("model.layers.0.mlp.up_proj.weight", "F32", (32, 16), 32 * 16 * 4),
+        TensorInfo("model.norm.weight", "F32", (16,), 64),
+    ]
     raw = ms.full_file(items)
-    s3.put_object(Bucket=BUCKET, Key="models/tiny/model.safetensors", Body=raw)
-    config = json.dumps({
-        "model_type": "llama", "hidden_size": 16, "num_hidden_layers": 1,
-        "num_attention_heads": 2, "vocab_size": 64, "max_position_embeddings": 128,
-        "tie_word_embeddings": True}).encode()  # fmt: skip
-    s3.put_object(Bucket=BUCKET, Key="models/tiny/config.json", Body=config)
+    moto_s3.put_object(Bucket=BUCKET, Key="models/tiny/model.safetensors", Body=raw)
+    config = json.dumps(
+        {
+            "model_type": "llama",
+            "hidden_size": 16,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "vocab_size": 64,
+            "max_position_embeddings": 128,
+            "tie_word_embeddings": True,
+        }
+    ).encode()
+    moto_s3.put_object(Bucket=BUCKET, Key="models/tiny/config.json", Body=config)
     got = S3MetadataReader(make_s3_client(S3Config()), BUCKET).read(
-        _spec("demo-tiny", "models/tiny/"))
+        _spec("demo-tiny", "models/tiny/")
+    )
     assert got.source == "s3" and got.weights.parameters == 64 * 16 + 32 * 16 + 16
     assert got.weights.dtype == "F32" and got.download_bytes == len(raw) + len(config)
     # the estimate of the stored weights matches the real file within 5%
@@ -285,7 +306,7 @@ def test_single_file_checkpoint_without_index(s3: Any) -> None:
     assert est.stored_bytes == pytest.approx(len(raw), rel=0.05)
 
 
-def test_missing_model_falls_back_to_the_catalog_and_says_so(s3: Any) -> None:
+def test_missing_model_falls_back_to_the_catalog_and_says_so(moto_s3: Any) -> None:
     got = S3MetadataReader(make_s3_client(S3Config()), BUCKET).read(CATALOG.models["qwen3-14b"])
     assert got.source == "catalog" and got.exists is None
     assert "no safetensors weights under s3://asoba-llm-cache/models/qwen3-14b/" in got.notes[0]
@@ -302,38 +323,46 @@ def test_unreachable_endpoint_falls_back(monkeypatch: pytest.MonkeyPatch) -> Non
     assert "secret-value-123" not in got.notes[0]
 
 
-def test_corrupt_header_falls_back(s3: Any) -> None:
-    s3.put_object(Bucket=BUCKET, Key="models/deepseek-r1-8b/model.safetensors",
-                  Body=struct.pack("<Q", 50) + b"{broken")  # fmt: skip
+def test_corrupt_header_falls_back(moto_s3: Any) -> None:
+    moto_s3.put_object(
+        Bucket=BUCKET,
+        Key="models/deepseek-r1-8b/model.safetensors",
+        Body=struct.pack("<Q", 50) + b"{broken",
+    )
     got = S3MetadataReader(make_s3_client(S3Config()), BUCKET).read(
-        CATALOG.models["deepseek-r1-8b"])
+        CATALOG.models["deepseek-r1-8b"]
+    )
     assert got.source == "catalog" and "ends inside its header" in got.notes[0]
 
 
-def test_the_real_demo_checkpoint_layout_with_a_tiny_model(s3: Any, tmp_path: Path) -> None:
+def test_the_real_demo_checkpoint_layout_with_a_tiny_model(moto_s3: Any, tmp_path: Path) -> None:
     """A checkpoint written by the safetensors library itself (not our header writer)."""
     import numpy as np
     from safetensors.numpy import save_file
 
     rng = np.random.default_rng(0)
     shards = [
-        {"model.embed_tokens.weight": rng.standard_normal((256, 32), dtype=np.float32),
-         "model.layers.0.self_attn.q_proj.weight": rng.standard_normal((32, 32), np.float32)},
-        {"model.layers.0.mlp.down_proj.weight": rng.standard_normal((32, 64), np.float32),
-         "model.norm.weight": np.ones(32, np.float32),
-         "lm_head.weight": rng.standard_normal((256, 32), dtype=np.float32)},
-    ]  # fmt: skip
+        {
+            "model.embed_tokens.weight": rng.standard_normal((256, 32), dtype=np.float32),
+            "model.layers.0.self_attn.q_proj.weight": rng.standard_normal((32, 32), np.float32),
+        },
+        {
+            "model.layers.0.mlp.down_proj.weight": rng.standard_normal((32, 64), np.float32),
+            "model.norm.weight": np.ones(32, np.float32),
+            "lm_head.weight": rng.standard_normal((256, 32), dtype=np.float32),
+        },
+    ]
     weight_map = {}
     total = 0
     for i, tensors in enumerate(shards):
         name = f"model-{i + 1:05d}-of-00002.safetensors"
         path = tmp_path / name
         save_file(tensors, str(path))
-        s3.put_object(Bucket=BUCKET, Key=f"models/t2/{name}", Body=path.read_bytes())
+        moto_s3.put_object(Bucket=BUCKET, Key=f"models/t2/{name}", Body=path.read_bytes())
         weight_map |= dict.fromkeys(tensors, name)
         total += path.stat().st_size
     index = json.dumps({"metadata": {"total_size": 1}, "weight_map": weight_map}).encode()
-    s3.put_object(Bucket=BUCKET, Key="models/t2/model.safetensors.index.json", Body=index)
+    moto_s3.put_object(Bucket=BUCKET, Key="models/t2/model.safetensors.index.json", Body=index)
     spec = _spec("demo-tiny", "models/t2/")
     got = S3MetadataReader(make_s3_client(S3Config()), BUCKET).read(spec)
     assert got.source == "s3" and got.shard_count == 2

@@ -19,33 +19,56 @@ from tests.fakes import GB, g5_facts, probe_json
 
 CATALOG = load_catalog()
 SETTINGS = Settings()
-STEP_NAMES = ["lock", "re-inspect", "pull-weights", "install-venv", "render-unit", "start",
-              "wait-healthy", "write-discovery-env", "audit"]  # fmt: skip
+STEP_NAMES = [
+    "lock",
+    "re-inspect",
+    "pull-weights",
+    "install-venv",
+    "render-unit",
+    "start",
+    "wait-healthy",
+    "write-discovery-env",
+    "audit",
+]
 
 
 def all_metas() -> dict[str, ModelMeta]:
-    return {n: meta_from_tensors(CATALOG.models[n], ms.config(n), ms.model_shards(n))
-            for n in ms.MODELS}  # fmt: skip
+    return {
+        n: meta_from_tensors(CATALOG.models[n], ms.config(n), ms.model_shards(n)) for n in ms.MODELS
+    }
 
 
 METAS = all_metas()
 
 
-def estimates(name: str, *, without: tuple[str, ...] = (),
-              settings: Settings = SETTINGS) -> dict[str, Estimate]:  # fmt: skip
+def estimates(
+    name: str, *, without: tuple[str, ...] = (), settings: Settings = SETTINGS
+) -> dict[str, Estimate]:
     source = StaticMetadata({k: v for k, v in METAS.items() if k not in without})
     metas = read_metas(specs_to_read(CATALOG.models[name], CATALOG), source)
     if without:  # a variant that is not in S3: found nowhere, not merely unreadable
-        metas = {k: (v.model_copy(update={"exists": False}) if k in without else v)
-                 for k, v in metas.items()}  # fmt: skip
+        metas = {
+            k: (v.model_copy(update={"exists": False}) if k in without else v)
+            for k, v in metas.items()
+        }
     return estimates_for(metas, CATALOG, settings)
 
 
-def plan(name: str, facts: HostFacts | None = None, *, force: str | None = None,
-         settings: Settings = SETTINGS, without: tuple[str, ...] = ()) -> Plan:  # fmt: skip
+def plan(
+    name: str,
+    facts: HostFacts | None = None,
+    *,
+    force: str | None = None,
+    settings: Settings = SETTINGS,
+    without: tuple[str, ...] = (),
+) -> Plan:
     return plan_deployment(
-        CATALOG.models[name], CATALOG, estimates(name, without=without, settings=settings),
-        facts or g5_facts(), settings, PlanFlags(force_quantize=force),  # type: ignore[arg-type]
+        CATALOG.models[name],
+        CATALOG,
+        estimates(name, without=without, settings=settings),
+        facts or g5_facts(),
+        settings,
+        PlanFlags(force_quantize=force),  # type: ignore[arg-type]
     )
 
 
@@ -64,11 +87,17 @@ G5 = (
 
 
 @pytest.mark.parametrize(("name", "action", "stop_flux", "port", "quant", "weights"), G5)
-def test_g5_profile(name: str, action: str, stop_flux: bool, port: int, quant: str,
-                    weights: str) -> None:  # fmt: skip
+def test_g5_profile(
+    name: str, action: str, stop_flux: bool, port: int, quant: str, weights: str
+) -> None:
     p = plan(name)
     assert (p.action, p.stop_flux, p.port, p.quantization, p.weights_model) == (
-        action, stop_flux, port, quant, weights)  # fmt: skip
+        action,
+        stop_flux,
+        port,
+        quant,
+        weights,
+    )
     assert p.needs.gpu_bytes <= p.headroom.gpu_bytes
     assert p.needs.ram_bytes <= p.headroom.ram_bytes
     assert p.needs.disk_bytes <= p.headroom.disk_bytes
@@ -80,8 +109,13 @@ def test_g5_profile(name: str, action: str, stop_flux: bool, port: int, quant: s
     assert names == expected
     assert p.endpoints[0].endswith(f":{port}/status")
     assert {e.rsplit(str(port), 1)[1] for e in p.endpoints} == {
-        "/status", "/health", "/generate", "/v1/models", "/v1/completions",
-        "/v1/chat/completions"}  # fmt: skip
+        "/status",
+        "/health",
+        "/generate",
+        "/v1/models",
+        "/v1/completions",
+        "/v1/chat/completions",
+    }
 
 
 def test_qwen3_14b_without_awq_in_s3_goes_bnb_4bit() -> None:
@@ -95,8 +129,10 @@ def test_qwen3_14b_reasons_carry_the_numbers() -> None:
     p = plan("qwen3-14b")
     text = " ".join(p.reasons)
     assert "16-bit needs 33.7 GB GPU" in text
-    assert ("AWQ 4-bit (qwen3-14b-awq): not small (14.1 GB > coexist_max_gb 3), so not beside "
-            "Flux; fits with Flux stopped: GPU 14.1 <= 23.1 GB") in text
+    assert (
+        "AWQ 4-bit (qwen3-14b-awq): not small (14.1 GB > coexist_max_gb 3), so not beside "
+        "Flux; fits with Flux stopped: GPU 14.1 <= 23.1 GB"
+    ) in text
     assert "free 9.5 + freed 14.7 - margin 1" in text
     assert "stops flux-api.service (frees 14.7 GB GPU and 34.0 GB RAM); port 8000" in text
 
@@ -123,7 +159,8 @@ def test_force_quantize_on_a_prequantized_model_is_noted() -> None:
 def test_prefer_quality_takes_8bit_when_it_fits() -> None:
     quality = Settings(policy=PolicyConfig(prefer_quality=True))
     assert plan("qwen3-14b", settings=quality, without=("qwen3-14b-awq",)).quantization == (
-        "bnb-8bit")
+        "bnb-8bit"
+    )
     # 30B at 8 bits is 34 GB: does not fit, so 4-bit
     assert plan("qwen3-coder-30b", settings=quality).quantization == "bnb-4bit"
 
@@ -132,7 +169,8 @@ def test_small_model_replaces_when_flux_leaves_too_little_gpu() -> None:
     p = plan("mistral_policy_analysis", g5_facts(flux_gpu_mib=22500))
     assert (p.action, p.stop_flux, p.port) == ("replace", True, 8000)
     assert p.options[0].verdict.startswith(
-        "16-bit: does not fit beside Flux (GPU 1.5 > 0.0 GB); fits with Flux stopped")
+        "16-bit: does not fit beside Flux (GPU 1.5 > 0.0 GB); fits with Flux stopped"
+    )
 
 
 def test_small_model_replaces_when_ram_is_short() -> None:
@@ -172,8 +210,13 @@ def test_flux_not_running_big_model_takes_8000_without_stopping_anything() -> No
 
 def test_our_running_service_counts_as_free_and_its_port_is_ours() -> None:
     deployed = {"schema": 1, "model": "deepseek-r1-8b", "port": 8000, "quantization": "none"}
-    facts = g5_facts(flux_active=False, ours_active=True, ours_gpu_mib=19000,
-                     ours_ram_bytes=20 * GB, deployed=deployed)  # fmt: skip
+    facts = g5_facts(
+        flux_active=False,
+        ours_active=True,
+        ours_gpu_mib=19000,
+        ours_ram_bytes=20 * GB,
+        deployed=deployed,
+    )
     p = plan("qwen3-14b", facts)
     assert (p.action, p.port, p.quantization) == ("replace", 8000, "awq")
     assert p.facts.inference_gpu_mib == 19000
@@ -201,8 +244,9 @@ def test_unattributed_flux_memory_is_not_counted_as_freeable() -> None:
 def test_catalog_fallback_is_said_in_the_plan() -> None:
     spec = CATALOG.models["deepseek-r1-8b"]
     metas = read_metas([spec], StaticMetadata({}))
-    p = plan_deployment(spec, CATALOG, estimates_for(metas, CATALOG, SETTINGS), g5_facts(),
-                        SETTINGS)  # fmt: skip
+    p = plan_deployment(
+        spec, CATALOG, estimates_for(metas, CATALOG, SETTINGS), g5_facts(), SETTINGS
+    )
     assert p.estimate.source == "catalog"
     assert any("from the catalog's figures" in w for w in p.warnings)
     assert p.action == "replace" and p.quantization == "none"
@@ -219,8 +263,18 @@ def test_bootstrap_step_is_placed_before_start() -> None:
 def test_plan_json_has_the_required_keys_and_round_trips() -> None:
     p = plan("qwen3-14b")
     data = plan_json(p)
-    assert list(data)[:10] == ["model", "action", "stop_flux", "port", "quantization", "need_gb",
-                               "gpu_free_gb", "reasons", "steps", "facts"]  # fmt: skip
+    assert list(data)[:10] == [
+        "model",
+        "action",
+        "stop_flux",
+        "port",
+        "quantization",
+        "need_gb",
+        "gpu_free_gb",
+        "reasons",
+        "steps",
+        "facts",
+    ]
     assert data["need_gb"] == pytest.approx(14.1, abs=0.05)
     assert data["gpu_free_gb"] == pytest.approx(9.47, abs=0.01)
     assert data["facts"]["flux_state"] == "active"
@@ -250,11 +304,16 @@ def test_still_holds_reports_what_moved() -> None:
     assert "asoba-inference.service was inactive, now active" in moved
     rebooted = HostFacts.model_validate(probe_json() | {"boot_id": "boot-2"})
     assert plan("qwen3-14b").still_holds(rebooted) == [
-        "the host rebooted since the plan (boot id changed)"]
+        "the host rebooted since the plan (boot id changed)"
+    ]
     assert _moved(listeners=[22, 8000], flux_active=False)[-1] == (
-        "port 8000 is in use by a process the plan does not stop")
-    assert plan("qwen3-14b").still_holds(g5_facts(no_gpu=True))[0].startswith(
-        "GPU 0 was NVIDIA A10G (23028 MiB), now absent")
+        "port 8000 is in use by a process the plan does not stop"
+    )
+    assert (
+        plan("qwen3-14b")
+        .still_holds(g5_facts(no_gpu=True))[0]
+        .startswith("GPU 0 was NVIDIA A10G (23028 MiB), now absent")
+    )
 
 
 def test_refused_plan_never_holds() -> None:
@@ -266,10 +325,17 @@ def test_service_spec_for_apply() -> None:
     p = plan("qwen3-14b")
     assert p.service is not None
     assert p.service.model_dump() == {
-        "unit": "asoba-inference.service", "port": 8000, "gpu_index": 0,
+        "unit": "asoba-inference.service",
+        "port": 8000,
+        "gpu_index": 0,
         "weights_model": "qwen3-14b-awq",
         "weights_uri": "s3://asoba-llm-cache/models/qwen3-14b-awq/",
-        "weights_dir": "/opt/models/qwen3-14b-awq", "install_dir": "/opt/asoba-inference",
-        "quantization": "awq", "torch_dtype": "float16", "max_context_tokens": 4096,
-        "max_concurrent_seqs": 4, "memory_max": "32G", "cpu_quota": "800%",
-    }  # fmt: skip
+        "weights_dir": "/opt/models/qwen3-14b-awq",
+        "install_dir": "/opt/asoba-inference",
+        "quantization": "awq",
+        "torch_dtype": "float16",
+        "max_context_tokens": 4096,
+        "max_concurrent_seqs": 4,
+        "memory_max": "32G",
+        "cpu_quota": "800%",
+    }

@@ -39,11 +39,20 @@ def test_probe_is_one_command_with_the_script_and_settings() -> None:
     assert len(fake.calls) == 1
     call = fake.calls[0]
     assert call.argv == (
-        "python3", "-c", probe_script(),
-        "--models-dir", "/opt/models", "--state-dir", "/var/lib/model-deployer",
-        "--flux-unit", "flux-api.service", "--inference-unit", "asoba-inference.service",
-        "--timeout", "10",
-    )  # fmt: skip
+        "python3",
+        "-c",
+        probe_script(),
+        "--models-dir",
+        "/opt/models",
+        "--state-dir",
+        "/var/lib/model-deployer",
+        "--flux-unit",
+        "flux-api.service",
+        "--inference-unit",
+        "asoba-inference.service",
+        "--timeout",
+        "10",
+    )
     assert call.sudo is False and call.stdin is None and call.timeout == 30.0
     assert call.what == "host probe"
     assert facts.gpu.devices[0].name == "NVIDIA A10G"
@@ -51,14 +60,27 @@ def test_probe_is_one_command_with_the_script_and_settings() -> None:
 
 
 def test_probe_command_follows_remote_settings() -> None:
-    remote = RemoteConfig(python="/usr/bin/python3.12", models_dir="/data/models",
-                          state_dir="/srv/md", flux_service="flux.service",
-                          service_name="llm.service")  # fmt: skip
+    remote = RemoteConfig(
+        python="/usr/bin/python3.12",
+        models_dir="/data/models",
+        state_dir="/srv/md",
+        flux_service="flux.service",
+        service_name="llm.service",
+    )
     argv = probe_command(remote)
     assert argv[0] == "/usr/bin/python3.12"
-    assert argv[3:] == ["--models-dir", "/data/models", "--state-dir", "/srv/md",
-                        "--flux-unit", "flux.service", "--inference-unit", "llm.service",
-                        "--timeout", "10"]  # fmt: skip
+    assert argv[3:] == [
+        "--models-dir",
+        "/data/models",
+        "--state-dir",
+        "/srv/md",
+        "--flux-unit",
+        "flux.service",
+        "--inference-unit",
+        "llm.service",
+        "--timeout",
+        "10",
+    ]
 
 
 def test_the_probe_script_is_the_packaged_file() -> None:
@@ -106,9 +128,18 @@ def test_no_gpu_is_a_fact() -> None:
 
 
 def test_state_file_is_parsed_with_schema_alias() -> None:
-    state = {"schema": 1, "model": "qwen3-14b", "weights_model": "qwen3-14b-awq", "port": 8000,
-             "quantization": "awq", "service": "asoba-inference.service", "flux_stopped": True,
-             "deployed_at": "2026-11-23T10:42:06Z", "plan_id": "abc", "future_key": 1}  # fmt: skip
+    state = {
+        "schema": 1,
+        "model": "qwen3-14b",
+        "weights_model": "qwen3-14b-awq",
+        "port": 8000,
+        "quantization": "awq",
+        "service": "asoba-inference.service",
+        "flux_stopped": True,
+        "deployed_at": "2026-11-23T10:42:06Z",
+        "plan_id": "abc",
+        "future_key": 1,
+    }
     fake = FakeExecutor().on(is_probe, probe_answer(probe_json(deployed=state)))
     facts = inspect_host(fake, REMOTE)
     assert facts.deployed is not None
@@ -152,8 +183,12 @@ def test_parse_systemctl_show_blocks_in_argument_order() -> None:
     assert flux["memory_current_bytes"] == 36507222016 and flux["n_restarts"] == 2
     ours = units["asoba-inference.service"]
     assert ours["load_state"] == "not-found" and ours["memory_current_bytes"] is None
-    assert probe_host.parse_systemctl_show(
-        "MemoryCurrent=18446744073709551615\n", ["x"])["x"]["memory_current_bytes"] is None
+    assert (
+        probe_host.parse_systemctl_show("MemoryCurrent=18446744073709551615\n", ["x"])["x"][
+            "memory_current_bytes"
+        ]
+        is None
+    )
 
 
 def test_parse_proc_net_tcp_ipv4_and_ipv6() -> None:
@@ -195,18 +230,23 @@ def test_parse_ss() -> None:
 
 def test_parse_cuda_version() -> None:
     assert probe_host.parse_cuda_version("CUDA Version        : 12.2\n") == "12.2"
-    assert probe_host.parse_cuda_version("| NVIDIA-SMI 550 Driver Version: 550  CUDA Version: 12.4 |") == "12.4"
+    assert (
+        probe_host.parse_cuda_version("| NVIDIA-SMI 550 Driver Version: 550  CUDA Version: 12.4 |")
+        == "12.4"
+    )
     assert probe_host.parse_cuda_version("nothing") is None
 
 
 # --------------------------------------------------------------------------- the script, run
 
 
-def _run_probe(tmp_path: Path, env: dict[str, str], state_dir: Path | None = None,
-               timeout: float = 10.0) -> HostFacts:  # fmt: skip
+def _run_probe(
+    tmp_path: Path, env: dict[str, str], state_dir: Path | None = None, timeout: float = 10.0
+) -> HostFacts:
     """The real script through the executor interface, run on this machine with ``env``."""
-    remote = RemoteConfig(models_dir=str(tmp_path / "models"),
-                          state_dir=str(state_dir or tmp_path / "state"))  # fmt: skip
+    remote = RemoteConfig(
+        models_dir=str(tmp_path / "models"), state_dir=str(state_dir or tmp_path / "state")
+    )
     fake = FakeExecutor().on(is_probe, run_locally(env, python=PYTHON))
     return inspect_host(fake, remote, command_timeout=timeout)
 
@@ -275,8 +315,9 @@ def test_script_times_out_a_hanging_tool_and_still_answers(tmp_path: Path) -> No
 def test_script_reads_the_state_file(tmp_path: Path) -> None:
     state = tmp_path / "state"
     state.mkdir()
-    (state / "current.json").write_text(json.dumps(
-        {"schema": 1, "model": "demo-tiny", "port": 8001, "quantization": "none"}))
+    (state / "current.json").write_text(
+        json.dumps({"schema": 1, "model": "demo-tiny", "port": 8001, "quantization": "none"})
+    )
     env = block_pynvml(tmp_path / "shim") | {"PATH": "/usr/bin:/bin"}
     facts = _run_probe(tmp_path, env, state_dir=state)
     assert facts.deployed is not None and facts.deployed.model == "demo-tiny"

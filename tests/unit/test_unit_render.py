@@ -184,7 +184,7 @@ def test_env_quoting_round_trips(value: str) -> None:
 
 def test_env_quoting_matches_bash() -> None:
     """The same quoting read by a shell gives the same value (systemd uses shell rules)."""
-    values = ['a b', 'q"uote', "s'ingle", "dollar $HOME", "back\\slash", "tick `x`", "", "x=y"]
+    values = ["a b", 'q"uote', "s'ingle", "dollar $HOME", "back\\slash", "tick `x`", "", "x=y"]
     text = unit.render_env_lines({f"V{i}": v for i, v in enumerate(values)}).reveal()
     script = text + "\n" + "".join(f'printf "%s\\0" "$V{i}"\n' for i in range(len(values)))
     out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True)

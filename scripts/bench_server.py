@@ -1,0 +1,295 @@
+#!/usr/bin/env python3
+"""Benchmark the inference server against plain ``model.generate()``, in one run.
+
+Measures, on the same checkpoint and the same prompt:
+
+1. single-stream tokens/s of an in-process ``model.generate()`` loop (no server) and of one
+   streamed ``/v1/completions`` request through the server: the ratio is the server overhead;
+2. aggregate tokens/s with 1, 4 and 16 concurrent streams: the batching gain;
+3. ``/health`` latency (p50/p99) when idle and while 16 streams generate.
+
+Without ``--model-dir`` it builds the demo model (scripts/make_demo_model.py) in a temp dir.
+Figures from a tiny random model on CPU are not representative of a real model on a GPU: read
+the ratios, not the absolute tokens/s.
+
+    python scripts/bench_server.py [--model-dir DIR] [--tokens 128] [--markdown]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPT = (
+    "The inference service loads safetensors shards from disk straight onto the GPU, then "
+    "answers requests while health checks keep answering."
+)
+
+
+@dataclass
+class StreamResult:
+    tokens: int
+    seconds: float
+    ttft: float
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    k = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[k]
+
+
+# --- baseline: model.generate() in this process ----------------------------------------------
+
+
+def baseline_generate(model_dir: Path, tokens: int, runs: int) -> float:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(model_dir), dtype=torch.float32, local_files_only=True
+    ).eval()
+    ids = tok(PROMPT, return_tensors="pt")
+    kwargs = {
+        "max_new_tokens": tokens,
+        "min_new_tokens": tokens,
+        "do_sample": False,
+        "repetition_penalty": 1.0,
+    }
+    with torch.inference_mode():
+        model.generate(**ids, **kwargs)  # warm-up
+        rates = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            out = model.generate(**ids, **kwargs)
+            n = out.shape[1] - ids["input_ids"].shape[1]
+            rates.append(n / (time.perf_counter() - t0))
+    return statistics.median(rates)
+
+
+# --- the server --------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_server(model_dir: Path, port: int, max_num_seqs: int) -> subprocess.Popen[bytes]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ASOBA_")}
+    env.update(
+        ASOBA_MODEL_DIR=str(model_dir),
+        ASOBA_MODEL_NAME="bench",
+        ASOBA_HOST="127.0.0.1",
+        ASOBA_PORT=str(port),
+        ASOBA_MAX_NUM_SEQS=str(max_num_seqs),
+        ASOBA_LOG_LEVEL="warning",
+        HF_HUB_OFFLINE="1",
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "remote_service"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("server did not become ready")
+
+
+async def one_stream(client: httpx.AsyncClient, tokens: int) -> StreamResult:
+    payload = {
+        "prompt": PROMPT,
+        "max_tokens": tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    t0 = time.perf_counter()
+    ttft = None
+    used = 0
+    async with client.stream("POST", "/v1/completions", json=payload) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if ttft is None and event["choices"] and event["choices"][0]["text"]:
+                ttft = time.perf_counter() - t0
+            if event.get("usage"):
+                used = event["usage"]["completion_tokens"]
+    seconds = time.perf_counter() - t0
+    return StreamResult(used, seconds, ttft if ttft is not None else seconds)
+
+
+async def concurrent(base: str, streams: int, tokens: int) -> tuple[float, float]:
+    """Aggregate tokens/s and median TTFT with ``streams`` simultaneous streams."""
+    limits = httpx.Limits(max_connections=streams + 2)
+    async with httpx.AsyncClient(base_url=base, timeout=600, limits=limits) as client:
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*(one_stream(client, tokens) for _ in range(streams)))
+        wall = time.perf_counter() - t0
+    return sum(r.tokens for r in results) / wall, statistics.median(r.ttft for r in results)
+
+
+async def health_latencies(base: str, seconds: float, interval: float) -> list[float]:
+    out = []
+    async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+        deadline = time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
+            t0 = time.perf_counter()
+            r = await client.get("/health")
+            out.append(time.perf_counter() - t0)
+            if r.status_code != 200:
+                raise RuntimeError(f"/health answered {r.status_code}")
+            await asyncio.sleep(interval)
+    return out
+
+
+async def health_under_load(base: str, streams: int, tokens: int) -> list[float]:
+    out: list[float] = []
+    stop = asyncio.Event()
+
+    async def probe() -> None:
+        async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+            while not stop.is_set():
+                t0 = time.perf_counter()
+                r = await client.get("/health")
+                out.append(time.perf_counter() - t0)
+                if r.status_code != 200:
+                    raise RuntimeError(f"/health answered {r.status_code}")
+                await asyncio.sleep(0.02)
+
+    task = asyncio.create_task(probe())
+    await asyncio.sleep(0.05)
+    await concurrent(base, streams, tokens)
+    stop.set()
+    await task
+    return out
+
+
+def load_demo_builder() -> object:
+    path = REPO / "scripts" / "make_demo_model.py"
+    spec = importlib.util.spec_from_file_location("make_demo_model", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-dir", type=Path, help="checkpoint (default: build demo-tiny)")
+    parser.add_argument("--tokens", type=int, default=128, help="tokens per stream")
+    parser.add_argument("--runs", type=int, default=3, help="repeats of the single-stream runs")
+    parser.add_argument("--markdown", action="store_true", help="print a markdown table")
+    args = parser.parse_args(argv)
+
+    tmp = None
+    model_dir = args.model_dir
+    if model_dir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="bench-")
+        model_dir = Path(tmp.name) / "demo-tiny"
+        load_demo_builder().make_demo_model(model_dir)  # type: ignore[attr-defined]
+
+    print("baseline: model.generate() in-process ...", file=sys.stderr)
+    base_tps = baseline_generate(model_dir, args.tokens, args.runs)
+
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    print("starting the server ...", file=sys.stderr)
+    proc = start_server(model_dir, port, max_num_seqs=16)
+    try:
+        asyncio.run(concurrent(base, 1, 16))  # warm the connection path
+        single = [asyncio.run(concurrent(base, 1, args.tokens)) for _ in range(args.runs)]
+        server_tps = statistics.median(s[0] for s in single)
+        agg = {n: asyncio.run(concurrent(base, n, args.tokens)) for n in (1, 4, 16)}
+        idle = asyncio.run(health_latencies(base, seconds=3.0, interval=0.01))
+        loaded = asyncio.run(health_under_load(base, 16, args.tokens))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        if tmp is not None:
+            tmp.cleanup()
+
+    ms = 1000.0
+    rows = [
+        ("single stream, model.generate() in-process", f"{base_tps:.0f} tok/s", "1.00x"),
+        (
+            "single stream through the server (SSE)",
+            f"{server_tps:.0f} tok/s",
+            f"{server_tps / base_tps:.2f}x of generate()",
+        ),
+    ]
+    for n, (tps, ttft) in agg.items():
+        rows.append(
+            (
+                f"{n} concurrent streams, aggregate",
+                f"{tps:.0f} tok/s (TTFT p50 {ttft * ms:.0f} ms)",
+                f"{tps / agg[1][0]:.2f}x of 1 stream",
+            )
+        )
+    rows.append(
+        (
+            "/health idle",
+            f"p50 {percentile(idle, 50) * ms:.1f} ms, p99 {percentile(idle, 99) * ms:.1f} ms",
+            f"n={len(idle)}",
+        )
+    )
+    rows.append(
+        (
+            "/health under 16 streams",
+            f"p50 {percentile(loaded, 50) * ms:.1f} ms, p99 {percentile(loaded, 99) * ms:.1f} ms",
+            f"n={len(loaded)}",
+        )
+    )
+    header = (
+        f"model={model_dir.name} tokens/stream={args.tokens} python={platform.python_version()} "
+        f"cpus={os.cpu_count()}"
+    )
+    if args.markdown:
+        print(f"<!-- {header} -->")
+        print("| measurement | result | ratio |")
+        print("| --- | --- | --- |")
+        for row in rows:
+            print(f"| {row[0]} | {row[1]} | {row[2]} |")
+    else:
+        print(header)
+        for row in rows:
+            print(f"{row[0]:45s} {row[1]:40s} {row[2]}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,254 @@
+"""``deploy-model`` planning commands, through Click's runner with a fake host and metadata."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner, Result
+
+from deployer import cli, planning
+from deployer.catalog import load_catalog
+from deployer.errors import AuthError, ConnectError
+from deployer.model_meta import StaticMetadata, meta_from_tensors
+from tests import model_shapes as ms
+from tests.fakes import FakeExecutor, is_probe, probe_answer, probe_json
+
+CATALOG = load_catalog()
+METAS = {
+    n: meta_from_tensors(CATALOG.models[n], ms.config(n), ms.model_shards(n)) for n in ms.MODELS
+}
+
+
+class Host:
+    """What the patched core sees: one fake executor per CLI run, and the metadata."""
+
+    def __init__(self) -> None:
+        self.facts: dict[str, Any] = probe_json()
+        self.error: BaseException | None = None
+        self.metas = dict(METAS)
+        self.executors: list[FakeExecutor] = []
+
+    def open_host(self, settings: Any, *, trust_new_host_key: bool = False) -> FakeExecutor:
+        fake = FakeExecutor(target=f"ubuntu@{settings.host.address}:22")
+        fake.on(is_probe, self.error or probe_answer(self.facts))
+        self.executors.append(fake)
+        return fake
+
+    def s3_metadata(self, settings: Any, catalog: Any) -> StaticMetadata:
+        return StaticMetadata(self.metas, bucket=catalog.bucket)
+
+
+@pytest.fixture
+def host(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Host:
+    import os
+
+    for key in list(os.environ):
+        if key.startswith("MODEL_DEPLOYER_") or key.startswith("AWS_"):
+            monkeypatch.delenv(key)
+    config = tmp_path / "model-deployer.toml"
+    config.write_text('[host]\naddress = "10.9.9.9"\n')
+    monkeypatch.setenv("MODEL_DEPLOYER_CONFIG", str(config))
+    fake = Host()
+    monkeypatch.setattr(planning, "open_host", fake.open_host)
+    monkeypatch.setattr(planning, "s3_metadata", fake.s3_metadata)
+    return fake
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> Result:
+    return CliRunner().invoke(cli.main, list(args), env=env)
+
+
+def test_dry_run_renders_the_plan(host: Host) -> None:
+    result = run("qwen3-14b", "--dry-run")
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    for text in (
+        "Plan for qwen3-14b on 10.9.9.9",
+        "REPLACE",
+        "will be STOPPED",
+        "8000",
+        "AWQ 4-bit, pre-quantized from qwen3-14b-awq",
+        "Memory",
+        "headroom",
+        "after deploy",
+        "Why",
+        "http://10.9.9.9:8000/v1/chat/completions",
+        "Steps apply would run",
+        "pull-weights",
+        "stop-flux",
+        "wait-healthy",
+        "dry run: nothing was changed on the host",
+    ):
+        assert text in out, text
+    assert result.stderr == ""
+    assert len(host.executors) == 1 and host.executors[0].closed
+    assert len(host.executors[0].calls) == 1  # one remote command
+
+
+def test_json_plan(host: Host) -> None:
+    result = run("mistral_iac_generation", "--dry-run", "--json")
+    assert result.exit_code == 0
+    data = json.loads(result.stdout)
+    for key in (
+        "model",
+        "action",
+        "stop_flux",
+        "port",
+        "quantization",
+        "need_gb",
+        "gpu_free_gb",
+        "reasons",
+        "steps",
+        "facts",
+    ):
+        assert key in data
+    assert (data["action"], data["stop_flux"], data["port"], data["quantization"]) == (
+        "coexist",
+        False,
+        8001,
+        "none",
+    )
+    assert [s["name"] for s in data["steps"]][:3] == ["lock", "re-inspect", "pull-weights"]
+    assert data["facts"]["flux_state"] == "active"
+
+
+def test_force_quantize_flag_with_and_without_value(host: Host) -> None:
+    data = json.loads(run("deepseek-r1-8b", "--dry-run", "--json", "--force-quantize").stdout)
+    assert data["quantization"] == "bnb-4bit"
+    data = json.loads(
+        run("deepseek-r1-8b", "--force-quantize", "8bit", "--dry-run", "--json").stdout
+    )
+    assert data["quantization"] == "bnb-8bit"
+    bad = run("deepseek-r1-8b", "--force-quantize", "2bit", "--dry-run")
+    assert bad.exit_code == 2 and "2bit" in bad.output
+
+
+def test_refusal_prints_the_plan_and_exits_4(host: Host) -> None:
+    host.facts = probe_json(other_gpu_mib=20000)
+    result = run("qwen3-coder-30b", "--dry-run", "--json")
+    assert result.exit_code == 4
+    assert json.loads(result.stdout)["action"] == "refuse"
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("error: qwen3-coder-30b: nothing fits: the smallest option")
+    rich = run("qwen3-coder-30b", "--dry-run")
+    assert rich.exit_code == 4 and "REFUSE" in rich.stdout
+
+
+def test_unknown_model_suggests_and_never_connects(host: Host) -> None:
+    result = run("qwen3-14", "--dry-run")
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: unknown model 'qwen3-14' (did you mean 'qwen3-14b' or 'qwen3-14b-awq' or "
+        "'qwen3-coder-30b'?) "
+        "(`deploy-model --list` shows the catalog)"
+    ]
+    assert host.executors == []
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        ConnectError("cannot reach ubuntu@10.9.9.9:22: [Errno 113] No route to host"),
+        AuthError(
+            "SSH authentication failed for ubuntu@10.9.9.9:22: bad key", hint="check host.key_file"
+        ),
+    ],
+)
+def test_unreachable_or_refused_host_exits_3_with_one_line(host: Host, error: Exception) -> None:
+    host.error = error
+    result = run("demo-tiny", "--dry-run", "--json")
+    assert result.exit_code == 3
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    assert "Traceback" not in result.output and result.stdout == ""
+
+
+def test_unexpected_errors_are_one_line_unless_debugging(host: Host) -> None:
+    host.error = RuntimeError("kaboom")
+    result = run("demo-tiny", "--dry-run")
+    assert result.exit_code == 1
+    assert result.stderr.strip() == (
+        "error: unexpected RuntimeError: kaboom (rerun with --debug for details)"
+    )
+    debug = run("demo-tiny", "--dry-run", "--debug")
+    assert isinstance(debug.exception, RuntimeError)
+    env_debug = run("demo-tiny", "--dry-run", env={"MODEL_DEPLOYER_DEBUG": "1"})
+    assert isinstance(env_debug.exception, RuntimeError)
+
+
+def test_no_host_configured(host: Host, tmp_path: Path) -> None:
+    empty = tmp_path / "empty.toml"
+    empty.write_text("")
+    result = run("demo-tiny", "--dry-run", "--config", str(empty))
+    assert result.exit_code == 2 and "no target host configured" in result.stderr
+
+
+def test_bad_config_is_exit_2(host: Host, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[policy]\ncoexist_max = 3\n")
+    result = run("demo-tiny", "--dry-run", "--config", str(bad))
+    assert result.exit_code == 2
+    assert "policy.coexist_max: unknown key" in result.stderr
+
+
+def test_list_needs_no_host(host: Host, tmp_path: Path) -> None:
+    empty = tmp_path / "empty.toml"
+    empty.write_text("")
+    result = run("--list", "--config", str(empty))
+    assert result.exit_code == 0
+    for name in CATALOG.models:
+        assert name in result.stdout
+    assert host.executors == []
+
+
+def test_name_required(host: Host) -> None:
+    result = run("--dry-run")
+    assert result.exit_code == 2 and "give a model NAME" in result.output
+
+
+def test_apply_is_not_plugged_in_yet(host: Host) -> None:
+    result = run("demo-tiny")
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: apply is not available yet (run `deploy-model demo-tiny --dry-run` to see the plan)"
+    )
+    assert host.executors[0].closed
+
+
+def test_secrets_never_reach_the_output(host: Host, monkeypatch: pytest.MonkeyPatch) -> None:
+    secret = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY"
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    meta = host.metas.pop("deepseek-r1-8b")
+    host.metas["deepseek-r1-8b"] = meta.model_copy(
+        update={"notes": [f"endpoint said: signature mismatch for {secret}"]}
+    )
+    for args in (("--dry-run",), ("--dry-run", "--json")):
+        result = run("deepseek-r1-8b", *args)
+        assert result.exit_code == 0
+        assert secret not in result.output
+        assert "[REDACTED]" in result.output
+
+
+def test_importing_the_cli_loads_no_heavy_modules() -> None:
+    code = (
+        "import sys, deployer.cli; "
+        "print(sorted(m for m in ('boto3', 'botocore', 'torch', 'transformers', 'fabric', "
+        "'paramiko', 'rich') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == "[]"
+
+
+def test_help_is_fast_and_lists_the_flags() -> None:
+    result = run("--help")
+    assert result.exit_code == 0
+    for flag in ("--dry-run", "--json", "--force-quantize", "--config", "--list", "--debug"):
+        assert flag in result.output
