@@ -27,8 +27,9 @@ from __future__ import annotations
 import json
 import math
 import struct
+import threading
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -89,6 +90,7 @@ QUANT_AUX_SUFFIXES = (".qzeros", ".scales", ".g_idx")
 #: Fallback assumptions when only the catalog is known (see ``catalog_meta``).
 FALLBACK_16BIT_SHARE = 0.05
 FALLBACK_MATRIX_SHARE = 0.01
+FALLBACK_SHARD_BYTES = 5 * GB  # save_pretrained's long-standing default max_shard_size
 
 
 # --------------------------------------------------------------------------- safetensors
@@ -345,12 +347,16 @@ class ModelMeta(BaseModel):
     bytes_read: int = 0  # response bytes read (headers, config, index)
 
 
-def catalog_meta(spec: ModelSpec, location: str, reason: str) -> ModelMeta:
+def catalog_meta(
+    spec: ModelSpec, location: str, reason: str, *, exists: bool | None = None
+) -> ModelMeta:
     """The catalog's numbers in the shape of S3 metadata, for when S3 cannot be read.
 
     Assumed split: ``FALLBACK_16BIT_SHARE`` of the parameters are embeddings/output head (kept
     16-bit by bitsandbytes), the rest quantizable; the largest matrix is
-    ``FALLBACK_MATRIX_SHARE`` of the parameters; the whole file counts as one shard.
+    ``FALLBACK_MATRIX_SHARE`` of the parameters; shards of at most ``FALLBACK_SHARD_BYTES``.
+    ``exists`` is False when S3 answered that the prefix holds no weights, None when S3 could
+    not be asked.
     """
     params = round(spec.parameters_b * 1e9)
     stored = round(spec.size_gb * GB)
@@ -375,12 +381,12 @@ def catalog_meta(spec: ModelSpec, location: str, reason: str) -> ModelMeta:
         name=spec.name,
         source="catalog",
         location=location,
-        exists=None,
+        exists=exists,
         config=None,
         weights=stats,
         download_bytes=stored,
-        largest_shard_bytes=stored,
-        shard_count=1,
+        largest_shard_bytes=min(stored, FALLBACK_SHARD_BYTES),
+        shard_count=max(1, -(-stored // FALLBACK_SHARD_BYTES)),
         notes=[
             f"{reason}; using the catalog's figures ({spec.parameters_b:g}B parameters, "
             f"{spec.size_gb:g} GB)"
@@ -389,6 +395,10 @@ def catalog_meta(spec: ModelSpec, location: str, reason: str) -> ModelMeta:
 
 
 # --------------------------------------------------------------------------- S3
+
+
+class WeightsNotFound(ModelSourceError):
+    """S3 answered, and the model's prefix holds no weights."""
 
 
 class MetadataSource(Protocol):
@@ -433,12 +443,28 @@ def _is_missing(exc: BaseException) -> bool:
 
 
 class S3MetadataReader:
-    """Reads ``ModelMeta`` for catalog entries from one bucket (see the module doc)."""
+    """Reads ``ModelMeta`` for catalog entries from one bucket (see the module doc).
 
-    def __init__(self, client: Any, bucket: str, *, max_workers: int = 8) -> None:
-        self.client = client
+    ``client`` is a boto3 S3 client, or a function making one: then it is made on first use,
+    on the thread that reads, so importing boto3 overlaps the SSH probe.
+    """
+
+    def __init__(
+        self, client: Any | Callable[[], Any], bucket: str, *, max_workers: int = 8
+    ) -> None:
+        self._client = None if callable(client) and not hasattr(client, "get_object") else client
+        self._factory = client if self._client is None else None
+        self._lock = threading.Lock()
         self.bucket = bucket
         self.max_workers = max_workers
+
+    @property
+    def client(self) -> Any:
+        with self._lock:
+            if self._client is None:
+                assert self._factory is not None
+                self._client = self._factory()
+            return self._client
 
     def location(self, spec: ModelSpec) -> str:
         return f"s3://{self.bucket}/{spec.s3_prefix}"
@@ -448,7 +474,12 @@ class S3MetadataReader:
         try:
             return self.read_s3(spec)
         except ModelSourceError as exc:
-            return catalog_meta(spec, self.location(spec), f"metadata not read from S3: {exc}")
+            return catalog_meta(
+                spec,
+                self.location(spec),
+                f"metadata not read from S3: {exc}",
+                exists=False if isinstance(exc, WeightsNotFound) else None,
+            )
 
     # -- S3 calls ------------------------------------------------------------------------
 
@@ -531,7 +562,7 @@ class S3MetadataReader:
                 )
                 files = weight_files(prefix, listing, index)
                 if not files:
-                    raise ModelSourceError(f"no safetensors weights under {where}")
+                    raise WeightsNotFound(f"no safetensors weights under {where}")
                 headers = list(pool.map(self._header, files))
         except (ClientError, BotoCoreError) as exc:
             raise ModelSourceError(f"{where}: {_s3_error(exc)}") from None

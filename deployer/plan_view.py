@@ -13,7 +13,7 @@ import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from .estimate import gb
+from .estimate import count_text, size_text
 from .planner import Plan, plan_json
 
 if TYPE_CHECKING:
@@ -43,7 +43,7 @@ def plan_to_json_text(plan: Plan) -> str:
 
 
 def _gb(n: int | None) -> str:
-    return "?" if n is None else f"{gb(n):.1f} GB"
+    return "?" if n is None else size_text(n)
 
 
 ACTION_STYLE = {"coexist": "bold green", "replace": "bold yellow", "refuse": "bold red"}
@@ -94,7 +94,7 @@ def render_plan(plan: Plan, console: Console, *, dry_run: bool = True) -> None:
     source = "S3 metadata" if est.source == "s3" else "catalog figures (approximate)"
     head.add_row(
         "estimate",
-        f"{est.parameters / 1e9:.2f}B parameters, stored {est.stored_dtype}, from {source}; "
+        f"{count_text(est.parameters)} parameters, stored {est.stored_dtype}, from {source}; "
         f"{est.context_tokens} tokens x {est.concurrent_seqs} sequences",
     )
     console.print(head)

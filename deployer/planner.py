@@ -250,7 +250,7 @@ class Plan(_Data):
         placement: Placement = "coexist" if self.action == "coexist" else "replace"
         room = headroom(facts, placement, self.policy, gpu_index=self.gpu_index)
         for what, need, have in _shortfalls(self.needs, room.usable):
-            moved.append(f"{what}: needs {need:.1f} GB, headroom now {have:.1f} GB")
+            moved.append(f"{what}: needs {size_text(need)}, headroom now {size_text(have)}")
         if self.port is not None:
             conflict = port_conflict(facts, self.port, placement, self.policy)
             if conflict:
@@ -356,7 +356,7 @@ def port_conflict(
     return f"port {port} is in use by a process the plan does not stop"
 
 
-def _shortfalls(need: Resources, room: Resources) -> list[tuple[str, float, float]]:
+def _shortfalls(need: Resources, room: Resources) -> list[tuple[str, int, int]]:
     out = []
     for what, n, h in (
         ("GPU", need.gpu_bytes, room.gpu_bytes),
@@ -364,7 +364,7 @@ def _shortfalls(need: Resources, room: Resources) -> list[tuple[str, float, floa
         ("disk", need.disk_bytes, room.disk_bytes),
     ):
         if n > h:
-            out.append((what, gb(n), gb(h)))
+            out.append((what, n, h))
     return out
 
 
@@ -453,9 +453,11 @@ def _candidates(
     if forced:
         reasons.append(f"{plain_text}; --force-quantize {forced}: quantizing anyway")
     elif plain.gpu_bytes > policy.quantize_above_gb * GB:
-        reasons.append(f"{plain_text} > quantize_above_gb {policy.quantize_above_gb:g}: quantizing")
+        reasons.append(
+            f"{plain_text} > quantize_above_gb {policy.quantize_above_gb:g} GB: quantizing"
+        )
     else:
-        reasons.append(f"{plain_text} <= quantize_above_gb {policy.quantize_above_gb:g}")
+        reasons.append(f"{plain_text} <= quantize_above_gb {policy.quantize_above_gb:g} GB")
         out.append(
             _Candidate(quantization="none", weights_model=spec.name, need=plain, estimate=base)
         )
@@ -506,7 +508,7 @@ def _room_text(room: Headroom, policy: PolicyConfig) -> str:
     parts = [f"free {size_text(room.gpu_free_bytes)}"]
     if room.gpu_freed_bytes:
         parts.append(f"+ freed {size_text(room.gpu_freed_bytes)}")
-    parts.append(f"- margin {policy.gpu_margin_gb:g}")
+    parts.append(f"- margin {policy.gpu_margin_gb:g} GB")
     return " ".join(parts)
 
 
@@ -524,7 +526,7 @@ def _place(
     if not small:
         failures.append(
             f"not small ({size_text(cand.need.gpu_bytes)} > coexist_max_gb "
-            f"{policy.coexist_max_gb:g}), so not beside Flux"
+            f"{policy.coexist_max_gb:g} GB), so not beside Flux"
         )
     for placement in order:
         room = rooms[placement]
@@ -544,7 +546,7 @@ def _place(
                 f"disk {size_text(need.disk_bytes)} <= {size_text(room.usable.disk_bytes)}"
             )
             return placement, f"{label}: " + "; ".join([*failures, fits]), room
-        why = [f"{w} {n:.1f} > {h:.1f} GB" for w, n, h in short]
+        why = [f"{w} {size_text(n)} > {size_text(h)}" for w, n, h in short]
         if conflict:
             why.append(conflict)
         failures.append(f"does not fit {where} (" + ", ".join(why) + ")")
@@ -618,7 +620,7 @@ def plan_deployment(
                 f"refuse: nothing fits; the smallest option, "
                 f"{_label(smallest.quantization, smallest.weights_model)}, needs "
                 f"{size_text(smallest.need.gpu_bytes)} GPU / {size_text(smallest.need.ram_bytes)} "
-                f"GB RAM / {size_text(smallest.need.disk_bytes)} disk; the most the host offers "
+                f"RAM / {size_text(smallest.need.disk_bytes)} disk; the most the host offers "
                 f"(Flux stopped) is {size_text(room.usable.gpu_bytes)} / "
                 f"{size_text(room.usable.ram_bytes)} / {size_text(room.usable.disk_bytes)}"
             )

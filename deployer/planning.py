@@ -41,7 +41,9 @@ def open_host(settings: Settings, *, trust_new_host_key: bool = False) -> SSHHos
 
 def s3_metadata(settings: Settings, catalog: Catalog) -> S3MetadataReader:
     """The real metadata source: the catalog's bucket (or ``s3.bucket``) through boto3."""
-    return S3MetadataReader(make_s3_client(settings.s3), settings.s3.bucket or catalog.bucket)
+    return S3MetadataReader(
+        lambda: make_s3_client(settings.s3), settings.s3.bucket or catalog.bucket
+    )
 
 
 def specs_to_read(spec: ModelSpec, catalog: Catalog) -> list[ModelSpec]:

@@ -60,30 +60,34 @@ def percentile(values: list[float], q: float) -> float:
 # --- baseline: model.generate() in this process ----------------------------------------------
 
 
-def baseline_generate(model_dir: Path, tokens: int, runs: int) -> float:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+class Baseline:
+    """``model.generate()`` in this process: same checkpoint, dtype, prompt, token count."""
 
-    tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(model_dir), dtype=torch.float32, local_files_only=True
-    ).eval()
-    ids = tok(PROMPT, return_tensors="pt")
-    kwargs = {
-        "max_new_tokens": tokens,
-        "min_new_tokens": tokens,
-        "do_sample": False,
-        "repetition_penalty": 1.0,
-    }
-    with torch.inference_mode():
-        model.generate(**ids, **kwargs)  # warm-up
-        rates = []
-        for _ in range(runs):
+    def __init__(self, model_dir: Path, tokens: int) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self._torch = torch
+        tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+        self._model = AutoModelForCausalLM.from_pretrained(
+            str(model_dir), dtype=torch.float32, local_files_only=True
+        ).eval()
+        self._ids = tok(PROMPT, return_tensors="pt")
+        self._kwargs = {
+            "max_new_tokens": tokens,
+            "min_new_tokens": tokens,
+            "do_sample": False,
+            "repetition_penalty": 1.0,
+        }
+        self.run()  # warm-up
+
+    def run(self) -> float:
+        """Tokens/s of one generation."""
+        with self._torch.inference_mode():
             t0 = time.perf_counter()
-            out = model.generate(**ids, **kwargs)
-            n = out.shape[1] - ids["input_ids"].shape[1]
-            rates.append(n / (time.perf_counter() - t0))
-    return statistics.median(rates)
+            out = self._model.generate(**self._ids, **self._kwargs)
+            n = out.shape[1] - self._ids["input_ids"].shape[1]
+            return n / (time.perf_counter() - t0)
 
 
 # --- the server --------------------------------------------------------------------------------
@@ -132,6 +136,7 @@ async def one_stream(client: httpx.AsyncClient, tokens: int) -> StreamResult:
         "prompt": PROMPT,
         "max_tokens": tokens,
         "temperature": 0,
+        "repetition_penalty": 1.0,  # as in the baseline
         "ignore_eos": True,
         "stream": True,
         "stream_options": {"include_usage": True},
@@ -212,7 +217,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", type=Path, help="checkpoint (default: build demo-tiny)")
     parser.add_argument("--tokens", type=int, default=128, help="tokens per stream")
-    parser.add_argument("--runs", type=int, default=3, help="repeats of the single-stream runs")
+    parser.add_argument("--runs", type=int, default=5, help="repeats of each measurement")
+    parser.add_argument(
+        "--load-tokens", type=int, default=512, help="tokens per stream while probing /health"
+    )
     parser.add_argument("--markdown", action="store_true", help="print a markdown table")
     args = parser.parse_args(argv)
 
@@ -223,20 +231,30 @@ def main(argv: list[str] | None = None) -> int:
         model_dir = Path(tmp.name) / "demo-tiny"
         load_demo_builder().make_demo_model(model_dir)  # type: ignore[attr-defined]
 
-    print("baseline: model.generate() in-process ...", file=sys.stderr)
-    base_tps = baseline_generate(model_dir, args.tokens, args.runs)
-
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     print("starting the server ...", file=sys.stderr)
     proc = start_server(model_dir, port, max_num_seqs=16)
     try:
+        baseline = Baseline(model_dir, args.tokens)
         asyncio.run(concurrent(base, 1, 16))  # warm the connection path
-        single = [asyncio.run(concurrent(base, 1, args.tokens)) for _ in range(args.runs)]
-        server_tps = statistics.median(s[0] for s in single)
-        agg = {n: asyncio.run(concurrent(base, n, args.tokens)) for n in (1, 4, 16)}
-        idle = asyncio.run(health_latencies(base, seconds=3.0, interval=0.01))
-        loaded = asyncio.run(health_under_load(base, 16, args.tokens))
+        # Interleaved, so that a noisy neighbour hurts both sides alike; medians reported.
+        base_runs, server_runs = [], []
+        for _ in range(args.runs):
+            base_runs.append(baseline.run())
+            server_runs.append(asyncio.run(concurrent(base, 1, args.tokens))[0])
+        base_tps, server_tps = statistics.median(base_runs), statistics.median(server_runs)
+        agg = {}
+        for n in (1, 4, 16):
+            runs = [asyncio.run(concurrent(base, n, args.tokens)) for _ in range(args.runs)]
+            agg[n] = (
+                statistics.median(r[0] for r in runs),
+                statistics.median(r[1] for r in runs),
+            )
+        idle = asyncio.run(health_latencies(base, seconds=5.0, interval=0.01))
+        loaded: list[float] = []
+        for _ in range(args.runs):
+            loaded += asyncio.run(health_under_load(base, 16, args.load_tokens))
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
@@ -275,8 +293,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
     header = (
-        f"model={model_dir.name} tokens/stream={args.tokens} python={platform.python_version()} "
-        f"cpus={os.cpu_count()}"
+        f"model={model_dir.name} tokens/stream={args.tokens} runs={args.runs} (medians) "
+        f"python={platform.python_version()} cpus={os.cpu_count()}"
     )
     if args.markdown:
         print(f"<!-- {header} -->")

@@ -12,25 +12,26 @@ from remote_service.engine.base import SamplingParams
 def sample_next(
     logits: torch.Tensor,
     params: Sequence[SamplingParams],
-    history: Sequence[Sequence[int]],
     generators: Sequence[torch.Generator | None],
+    seen: torch.Tensor | None = None,
     vocab_size: int | None = None,
 ) -> list[int]:
     """Pick one token per row of ``logits`` ([batch, vocab]).
 
-    ``history`` holds each row's prompt+generated ids (for the repetition penalty), ``generators``
-    a seeded generator per row or None. Ids at or above ``vocab_size`` (padding rows of the
-    embedding that the tokenizer cannot decode) are never picked.
+    ``seen`` ([batch, vocab] bool) marks the ids already in each row's prompt or output, for the
+    repetition penalty; ``generators`` holds a seeded generator per row or None. Ids at or above
+    ``vocab_size`` (padding rows of the embedding that the tokenizer cannot decode) are never
+    picked.
     """
     logits = logits.float()
     if vocab_size is not None and vocab_size < logits.shape[-1]:
         logits[:, vocab_size:] = float("-inf")
-    for row, (p, seen) in enumerate(zip(params, history, strict=True)):
-        if p.repetition_penalty != 1.0 and seen:
-            idx = torch.tensor(sorted(set(seen)), device=logits.device, dtype=torch.long)
-            vals = logits[row, idx]
-            pen = p.repetition_penalty
-            logits[row, idx] = torch.where(vals > 0, vals / pen, vals * pen)
+    if seen is not None and any(p.repetition_penalty != 1.0 for p in params):
+        pen = torch.tensor(
+            [p.repetition_penalty for p in params], device=logits.device, dtype=logits.dtype
+        )[:, None]
+        penalized = torch.where(logits > 0, logits / pen, logits * pen)
+        logits = torch.where(seen, penalized, logits)
 
     greedy = torch.tensor([p.temperature <= 0 for p in params], device=logits.device)
     argmax = logits.argmax(dim=-1)
@@ -58,7 +59,6 @@ def sample_next(
     probs = probs.masked_fill(drop, 0.0)
     probs = probs / probs.sum(dim=-1, keepdim=True)
 
-    picks: list[int] = []
     unseeded = [i for i, g in enumerate(generators) if g is None]
     chosen = torch.empty(len(params), dtype=torch.long, device=logits.device)
     if unseeded:
@@ -69,5 +69,4 @@ def sample_next(
             chosen[i] = torch.multinomial(probs[i : i + 1], 1, generator=gen).squeeze()
     sampled = sorted_idx.gather(1, chosen[:, None]).squeeze(-1)
     result = torch.where(greedy, argmax, sampled)
-    picks = [int(t) for t in result.tolist()]
-    return picks
+    return [int(t) for t in result.tolist()]

@@ -66,10 +66,6 @@ class Sequence:
     def last_token(self) -> int:
         return self.generated[-1] if self.generated else self.request.prompt_ids[-1]
 
-    @property
-    def all_ids(self) -> list[int]:
-        return [*self.request.prompt_ids, *self.generated]
-
 
 class BatchRunner(Protocol):
     """Model side of the batch. Called from the worker thread only."""

@@ -29,6 +29,7 @@ class TorchBatchRunner:
         self._rows: list[Sequence] = []
         self._cache: DynamicCache | None = None
         self._mask: torch.Tensor | None = None  # [batch, time], long
+        self._seen: torch.Tensor | None = None  # [batch, vocab], bool: for repetition penalty
 
     @property
     def batch_size(self) -> int:
@@ -57,8 +58,12 @@ class TorchBatchRunner:
             use_cache=True,
             logits_to_keep=1,
         )
-        tokens = self._sample(out.logits[:, -1, :], seqs)
-        self._merge(out.past_key_values, mask, seqs)
+        logits = out.logits[:, -1, :]
+        # Which ids each prompt holds (padding replaced by the row's last, always real, id).
+        seen = torch.zeros(logits.shape, dtype=torch.bool, device=self._device)
+        seen.scatter_(1, torch.where(mask.bool(), ids, ids[:, -1:]), True)
+        tokens = self._sample(logits, seqs, seen)
+        self._merge(out.past_key_values, mask, seen, seqs)
         return tokens
 
     @torch.inference_mode()
@@ -78,7 +83,7 @@ class TorchBatchRunner:
             logits_to_keep=1,
         )
         self._cache = out.past_key_values
-        tokens = self._sample(out.logits[:, -1, :], self._rows)
+        tokens = self._sample(out.logits[:, -1, :], self._rows, self._seen)
         return list(zip(self._rows, tokens, strict=True))
 
     def release(self, seqs: Collection[Sequence]) -> None:
@@ -89,9 +94,10 @@ class TorchBatchRunner:
         if not keep:
             self.reset()
             return
-        assert self._cache is not None and self._mask is not None
+        assert self._cache is not None and self._mask is not None and self._seen is not None
         index = torch.tensor(keep, dtype=torch.long, device=self._device)
         self._rows = [self._rows[i] for i in keep]
+        self._seen = self._seen.index_select(0, index)
         mask = self._mask.index_select(0, index)
         # Columns that are padding in every remaining row carry no information: trim them.
         used = mask.sum(dim=0).nonzero()
@@ -102,21 +108,30 @@ class TorchBatchRunner:
             layer.values = layer.values.index_select(0, index)[:, :, start:, :]
 
     def reset(self) -> None:
-        self._rows, self._cache, self._mask = [], None, None
+        self._rows, self._cache, self._mask, self._seen = [], None, None, None
 
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-        return sample_next(
+    def _sample(
+        self, logits: torch.Tensor, seqs: list[Sequence], seen: torch.Tensor | None
+    ) -> list[int]:
+        tokens = sample_next(
             logits,
             [s.request.params for s in seqs],
-            [s.all_ids if s.request.params.repetition_penalty != 1.0 else () for s in seqs],
             [s.runner_state for s in seqs],
+            seen=seen,
             vocab_size=self._vocab_size,
         )
+        if seen is not None:
+            rows = torch.arange(len(tokens), device=self._device)
+            seen[rows, torch.tensor(tokens, device=self._device)] = True
+        return tokens
 
-    def _merge(self, cache: DynamicCache, mask: torch.Tensor, seqs: list[Sequence]) -> None:
-        if self._cache is None or self._mask is None or not self._rows:
-            self._rows, self._cache, self._mask = list(seqs), cache, mask
+    def _merge(
+        self, cache: DynamicCache, mask: torch.Tensor, seen: torch.Tensor, seqs: list[Sequence]
+    ) -> None:
+        if self._cache is None or self._mask is None or self._seen is None or not self._rows:
+            self._rows, self._cache, self._mask, self._seen = list(seqs), cache, mask, seen
             return
+        self._seen = torch.cat([self._seen, seen], dim=0)
         old_t, new_t = self._mask.shape[1], mask.shape[1]
         width = max(old_t, new_t)
         self._mask = torch.cat(

@@ -71,6 +71,27 @@ def test_batched_greedy_matches_one_at_a_time_and_hf_generate(engine: Transforme
         assert tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True) == text
 
 
+def test_repetition_penalty_matches_hf_generate(engine: TransformersEngine) -> None:
+    import torch
+
+    tok, model = engine._tokenizer, engine._scheduler._runner._model  # type: ignore[union-attr]
+    params = greedy(16, repetition_penalty=1.3)
+    texts = run_many(engine, PROMPTS, params)
+    for prompt, text in zip(PROMPTS, texts, strict=True):
+        ids = torch.tensor([engine.encode(prompt)])
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=16,
+            do_sample=False,
+            repetition_penalty=1.3,
+            eos_token_id=None,
+            suppress_tokens=list(range(len(tok), model.config.vocab_size)),
+        )
+        assert tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True) == text
+    assert texts != run_many(engine, PROMPTS, greedy(16))  # the penalty changed something
+
+
 def test_sequences_joining_a_running_batch_stay_correct(engine: TransformersEngine) -> None:
     """A request that arrives mid-generation is merged into the batch without changing anyone."""
     alone = [run_many(engine, [p], greedy(40))[0] for p in PROMPTS[:2]]

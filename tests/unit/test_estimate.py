@@ -170,6 +170,8 @@ def test_catalog_fallback_is_marked_and_approximate() -> None:
     assert est.source == "catalog" and not est.exact and est.exists is None
     assert "catalog" in est.notes[0] and "timeout" in est.notes[0]
     assert est.parameters == 8_030_000_000
+    # shards assumed at save_pretrained's 5 GB: loading needs 2 of them in RAM, not 16 GB x 2
+    assert fallback.largest_shard_bytes == 5 * GB and fallback.shard_count == 4
     # close to the metadata-based figure, on the safe side for the KV cache
     exact = estimate(meta("deepseek-r1-8b"), spec, PolicyConfig())
     assert est.kv_bytes_per_token >= exact.kv_bytes_per_token
@@ -308,7 +310,7 @@ def test_single_file_checkpoint_without_index(moto_s3: Any) -> None:
 
 def test_missing_model_falls_back_to_the_catalog_and_says_so(moto_s3: Any) -> None:
     got = S3MetadataReader(make_s3_client(S3Config()), BUCKET).read(CATALOG.models["qwen3-14b"])
-    assert got.source == "catalog" and got.exists is None
+    assert got.source == "catalog" and got.exists is False
     assert "no safetensors weights under s3://asoba-llm-cache/models/qwen3-14b/" in got.notes[0]
     assert "catalog" in got.notes[0]
 

@@ -127,14 +127,15 @@ def test_qwen3_14b_without_awq_in_s3_goes_bnb_4bit() -> None:
 
 def test_qwen3_14b_reasons_carry_the_numbers() -> None:
     p = plan("qwen3-14b")
-    text = " ".join(p.reasons)
-    assert "16-bit needs 33.7 GB GPU" in text
-    assert (
-        "AWQ 4-bit (qwen3-14b-awq): not small (14.1 GB > coexist_max_gb 3), so not beside "
-        "Flux; fits with Flux stopped: GPU 14.1 <= 23.1 GB"
-    ) in text
-    assert "free 9.5 + freed 14.7 - margin 1" in text
-    assert "stops flux-api.service (frees 14.7 GB GPU and 34.0 GB RAM); port 8000" in text
+    assert p.reasons == [
+        "qwen3-14b: 14.77B parameters, BF16, 29.5 GB stored, from S3 metadata",
+        "16-bit needs 33.7 GB GPU (weights 29.5 GB + KV cache 2.7 GB + activations 0.6 GB"
+        " + runtime 0.8 GB) > quantize_above_gb 20 GB: quantizing",
+        "AWQ 4-bit (qwen3-14b-awq): not small (14.1 GB > coexist_max_gb 3 GB), so not beside"
+        " Flux; fits with Flux stopped: GPU 14.1 GB <= 23.1 GB (free 9.5 GB + freed 14.7 GB"
+        " - margin 1 GB), RAM 12.1 GB <= 58.0 GB, disk 10.0 GB <= 198.0 GB",
+        "stops flux-api.service (frees 14.7 GB GPU and 34.0 GB RAM); port 8000",
+    ]
 
 
 def test_force_quantize_quantizes_a_small_model() -> None:
@@ -169,14 +170,14 @@ def test_small_model_replaces_when_flux_leaves_too_little_gpu() -> None:
     p = plan("mistral_policy_analysis", g5_facts(flux_gpu_mib=22500))
     assert (p.action, p.stop_flux, p.port) == ("replace", True, 8000)
     assert p.options[0].verdict.startswith(
-        "16-bit: does not fit beside Flux (GPU 1.5 > 0.0 GB); fits with Flux stopped"
+        "16-bit: does not fit beside Flux (GPU 1.5 GB > 0.0 GB); fits with Flux stopped"
     )
 
 
 def test_small_model_replaces_when_ram_is_short() -> None:
     p = plan("mistral_iac_generation", g5_facts(ram_available_bytes=3 * GB))
     assert p.action == "replace"
-    assert "does not fit beside Flux (RAM 2.7 > 1.0 GB)" in p.options[0].verdict
+    assert "does not fit beside Flux (RAM 2.7 GB > 1.0 GB)" in p.options[0].verdict
 
 
 def test_refuse_with_numbers_when_nothing_fits() -> None:
@@ -191,7 +192,7 @@ def test_refuse_with_numbers_when_nothing_fits() -> None:
 def test_refuse_for_disk() -> None:
     p = plan("qwen3-coder-30b", g5_facts(disk_free_bytes=30 * GB))
     assert p.action == "refuse"
-    assert "does not fit with Flux stopped (disk 61.1 > 28.0 GB)" in p.options[-1].verdict
+    assert "does not fit with Flux stopped (disk 61.1 GB > 28.0 GB)" in p.options[-1].verdict
 
 
 def test_no_gpu_refuses_and_says_why() -> None:
