@@ -304,7 +304,7 @@ class Serving:
             prompt = await asyncio.to_thread(
                 self.engine.render_chat, messages, **(body.chat_template_kwargs or {})
             )
-        except (ValueError, TypeError, KeyError) as exc:  # jinja's TemplateError is a ValueError
+        except ValueError as exc:  # the template refused the conversation
             raise APIError(400, f"cannot apply the chat template: {exc}", param="messages") from exc
         ids = await self.encode(prompt, add_special_tokens=False)
         max_tokens = body.max_completion_tokens or body.max_tokens
@@ -427,10 +427,38 @@ def _reject_chat(body: ChatCompletionRequest) -> None:
         raise APIError(400, "tools are not supported by this server", param="tools")
     if body.tool_choice not in (None, "none", "auto"):
         raise APIError(400, "tool_choice is not supported", param="tool_choice")
+    reserved = sorted(set(body.chat_template_kwargs or {}) & _RESERVED_TEMPLATE_KWARGS)
+    if reserved:
+        raise APIError(
+            400,
+            f"chat_template_kwargs may not set {', '.join(reserved)}",
+            param="chat_template_kwargs",
+        )
     if body.response_format and body.response_format.get("type") != "text":
         raise APIError(
             400, "only response_format type 'text' is supported", param="response_format"
         )
+
+
+# Arguments of apply_chat_template itself, not variables of the template: not for clients.
+_RESERVED_TEMPLATE_KWARGS = frozenset(
+    {
+        "chat_template",
+        "conversation",
+        "tokenize",
+        "add_generation_prompt",
+        "continue_final_message",
+        "return_dict",
+        "return_tensors",
+        "return_assistant_tokens_mask",
+        "padding",
+        "truncation",
+        "max_length",
+        "tokenizer_kwargs",
+        "tools",
+        "documents",
+    }
+)
 
 
 def _template_messages(body: ChatCompletionRequest) -> list[dict[str, str]]:

@@ -196,7 +196,8 @@ class Engine(ABC):
 
     @abstractmethod
     def render_chat(self, messages: list[dict[str, str]], **template_kwargs: Any) -> str:
-        """The prompt text of a conversation, with the generation prompt appended."""
+        """The prompt text of a conversation, with the generation prompt appended; raises
+        ValueError when the chat template refuses the conversation."""
 
     @abstractmethod
     def shutdown(self, timeout: float) -> None:

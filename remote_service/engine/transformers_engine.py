@@ -91,9 +91,12 @@ class TransformersEngine(BatchedEngine):
             raise EngineLoadError("the tokenizer is not loaded yet")
         if not getattr(self._tokenizer, "chat_template", None):
             raise ValueError("this model has no chat template; use /v1/completions")
-        text = self._tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True, **template_kwargs
-        )
+        try:
+            text = self._tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True, **template_kwargs
+            )
+        except Exception as exc:  # jinja's TemplateError, raise_exception() in templates, ...
+            raise ValueError(str(exc) or type(exc).__name__) from exc
         return str(text)
 
 

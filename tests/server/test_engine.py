@@ -180,3 +180,9 @@ def test_full_queue_is_refused_at_once() -> None:
         asyncio.run(go())
     finally:
         e.shutdown(1)
+
+
+def test_a_chat_template_that_refuses_is_a_value_error(engine: TransformersEngine) -> None:
+    template = "{{ raise_exception('Conversation roles must alternate user/assistant') }}"
+    with pytest.raises(ValueError, match="roles must alternate"):
+        engine.render_chat([{"role": "user", "content": "hi"}], chat_template=template)

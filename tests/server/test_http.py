@@ -225,6 +225,15 @@ def test_metrics_move(client: httpx.Client) -> None:
             400,
             "tools",
         ),
+        (
+            "/v1/chat/completions",
+            {
+                "messages": [{"role": "user", "content": "x"}],
+                "chat_template_kwargs": {"chat_template": "{{ 7 * 7 }}"},
+            },
+            400,
+            "chat_template_kwargs",
+        ),
     ],
 )
 def test_bad_input_is_a_4xx_openai_error(

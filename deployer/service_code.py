@@ -1,0 +1,156 @@
+"""The code that runs on the host: a wheel of this checkout, and the venv it is installed in.
+
+The venv lives in ``<service_dir>/venvs/<code_id>``, where ``code_id`` is a hash of the
+package sources, and ``<service_dir>/venv`` is a symlink to the one in use. The unit runs
+``<service_dir>/venv/bin/python``, so switching code (and rolling it back) is one atomic
+rename of a symlink, and re-deploying unchanged code reuses the venv as it is.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from . import commands
+from .config import Settings
+from .errors import DeployError
+from .ssh import Executor
+
+ROOT = Path(__file__).resolve().parent.parent
+SOURCES = ("deployer", "remote_service")
+COMPLETE_MARKER = ".complete"
+
+# Writes stdin (base64) to argv[1]: how a binary file reaches the host without scp.
+_WRITE_B64 = (
+    "import base64, sys; open(sys.argv[1], 'wb').write(base64.b64decode(sys.stdin.read()))"
+)
+
+
+def code_id(root: Path = ROOT) -> str:
+    """A short hash of everything that goes into the wheel (sources + pyproject)."""
+    digest = hashlib.sha256()
+    files = [root / "pyproject.toml"]
+    for package in SOURCES:
+        files += sorted(p for p in (root / package).rglob("*") if p.is_file() and _shipped(p))
+    for path in files:
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+        digest.update(path.read_bytes() + b"\0")
+    return digest.hexdigest()[:12]
+
+
+def _shipped(path: Path) -> bool:
+    return "__pycache__" not in path.parts and path.suffix in (".py", ".typed", ".json", ".txt")
+
+
+def build_wheel(cache_dir: Path, ident: str, root: Path = ROOT) -> Path:
+    """Build (once per ``ident``) a wheel of this checkout; returns its path."""
+    target = cache_dir / ident
+    existing = sorted(target.glob("model_deployer-*.whl"))
+    if existing:
+        return existing[0]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        build_dir = Path(tmp) / "out"
+        proc = subprocess.run(
+            [
+                sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                "--quiet", "--wheel-dir", str(build_dir), str(root),
+            ],  # fmt: skip
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        wheels = sorted(build_dir.glob("model_deployer-*.whl"))
+        if proc.returncode != 0 or not wheels:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+            raise DeployError("building the service wheel failed: " + " / ".join(tail))
+        build_dir.rename(target)
+    return next(target.glob("model_deployer-*.whl"))
+
+
+def venvs_dir(settings: Settings) -> str:
+    return f"{settings.remote.service_dir}/venvs"
+
+
+def venv_dir(settings: Settings, ident: str) -> str:
+    return f"{venvs_dir(settings)}/{ident}"
+
+
+def venv_link(settings: Settings) -> str:
+    return f"{settings.remote.service_dir}/venv"
+
+
+def venv_ready(executor: Executor, settings: Settings, ident: str) -> bool:
+    marker = f"{venv_dir(settings, ident)}/{COMPLETE_MARKER}"
+    return executor.run(commands.test_path("-f", marker), check=False).ok
+
+
+def install_venv(
+    executor: Executor,
+    settings: Settings,
+    wheel: Path,
+    ident: str,
+    *,
+    timeout: float = 1800.0,
+) -> str:
+    """Create ``venvs/<ident>`` with the wheel and the ``server`` extra; idempotent.
+
+    ``--system-site-packages`` lets the host's own (CUDA) PyTorch satisfy the ``torch``
+    requirement. A venv without its completion marker is a leftover of an interrupted run and
+    is rebuilt from scratch.
+    """
+    target = venv_dir(settings, ident)
+    if venv_ready(executor, settings, ident):
+        return target
+    python = settings.remote.python
+    executor.run(commands.make_dir(settings.remote.service_dir, owner="root"), sudo=True)
+    executor.run(commands.make_dir(venvs_dir(settings), owner="root"), sudo=True)
+    executor.run(commands.remove_tree(target), sudo=True, what="remove a partial venv")
+    remote_wheel = f"{venvs_dir(settings)}/{wheel.name}"
+    executor.run(
+        [python, "-c", _WRITE_B64, remote_wheel],
+        sudo=True,
+        stdin=base64.b64encode(wheel.read_bytes()).decode(),
+        what="upload the service wheel",
+    )
+    executor.run(
+        [python, "-m", "venv", "--system-site-packages", target],
+        sudo=True,
+        what="create the service venv",
+    )
+    pip = [f"{target}/bin/python", "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+    if settings.install.wheelhouse:
+        pip += ["--no-index", "--find-links", settings.install.wheelhouse]
+    elif settings.install.index_url:
+        pip += ["--index-url", settings.install.index_url]
+    executor.run(
+        [*pip, f"{remote_wheel}[server]"],
+        sudo=True,
+        env={"PIP_ROOT_USER_ACTION": "ignore", "PIP_NO_CACHE_DIR": "1"},
+        timeout=timeout,
+        what="install remote_service into the venv",
+    )
+    executor.run(
+        [f"{target}/bin/python", "-c", "import remote_service, fastapi, transformers, torch"],
+        sudo=True,
+        what="check the service venv imports",
+    )
+    executor.run(["touch", f"{target}/{COMPLETE_MARKER}"], sudo=True)
+    executor.run(commands.remove(remote_wheel), sudo=True, check=False)
+    return target
+
+
+def switch_venv_argv(settings: Settings, target: str) -> list[list[str]]:
+    """Point ``<service_dir>/venv`` at ``target`` atomically (new link, then rename over)."""
+    link = venv_link(settings)
+    temp = f"{link}.new"
+    return [commands.symlink(target, temp), commands.move(temp, link)]
+
+
+def current_venv(executor: Executor, settings: Settings) -> str | None:
+    result = executor.run(["readlink", "--", venv_link(settings)], check=False)
+    return result.stdout.strip() or None if result.ok else None
