@@ -79,10 +79,10 @@ class ApplyOptions:
     force_unlock: bool = False
     command: str = "deploy-model"
     wheel_cache: Path = field(
-        default_factory=lambda: Path(
-            os.environ.get("MODEL_DEPLOYER_CACHE", Path.home() / ".cache" / "model-deployer")
+        default_factory=lambda: (
+            Path(os.environ.get("MODEL_DEPLOYER_CACHE", Path.home() / ".cache" / "model-deployer"))
+            / "wheels"
         )
-        / "wheels"
     )
 
 
@@ -116,7 +116,9 @@ def read_remote(executor: Executor, path: str) -> str | None:
     return result.stdout if result.ok else None
 
 
-def snapshot(executor: Executor, settings: Settings, paths: list[str], facts: HostFacts) -> HostSnapshot:
+def snapshot(
+    executor: Executor, settings: Settings, paths: list[str], facts: HostFacts
+) -> HostSnapshot:
     return HostSnapshot(
         files={path: read_remote(executor, path) for path in paths},
         venv=current_venv(executor, settings),
@@ -155,8 +157,15 @@ def wait_healthy(
             on_event(event)
 
     result = executor.run(
-        [settings.remote.python, "-", str(port), model, str(timeout_s),
-         settings.remote.service_name, str(max_restarts)],  # fmt: skip
+        [
+            settings.remote.python,
+            "-",
+            str(port),
+            model,
+            str(timeout_s),
+            settings.remote.service_name,
+            str(max_restarts),
+        ],
         stdin=HEALTH_SCRIPT.read_text(encoding="utf-8"),
         check=False,
         timeout=timeout_s + 60,
@@ -276,8 +285,16 @@ class Deployment:
         if self._unchanged(writes, before, venv, facts):
             status = self._health(timeout_s=15.0)
             self.report.info("already deployed exactly as planned and healthy: nothing to do")
-            return ApplyResult("unchanged", self.plan.model, self.plan.port or 0, pulled.path,
-                               None, status, time.monotonic() - self.started, pulled)  # fmt: skip
+            return ApplyResult(
+                "unchanged",
+                self.plan.model,
+                self.plan.port or 0,
+                pulled.path,
+                None,
+                status,
+                time.monotonic() - self.started,
+                pulled,
+            )
 
         status: dict[str, Any] = {}
 
@@ -290,8 +307,16 @@ class Deployment:
         except StepFailure as failure:
             raise self._failed(failure) from failure.error
         release = self._record(pulled, venv, writes)
-        return ApplyResult("deployed", self.plan.model, self.plan.port or 0, pulled.path,
-                           release.number, status, time.monotonic() - self.started, pulled)  # fmt: skip
+        return ApplyResult(
+            "deployed",
+            self.plan.model,
+            self.plan.port or 0,
+            pulled.path,
+            release.number,
+            status,
+            time.monotonic() - self.started,
+            pulled,
+        )
 
     # -- pieces -----------------------------------------------------------------------------
 
@@ -377,8 +402,11 @@ class Deployment:
         ex = self.executor
         remote = self.settings.remote
         unit = remote.service_name
-        service_writes = [w for w in writes if w.path.startswith(remote.service_dir)
-                          or w.path.endswith(".service")]  # fmt: skip
+        service_writes = [
+            w
+            for w in writes
+            if w.path.startswith(remote.service_dir) or w.path.endswith(".service")
+        ]
         discovery_writes = [w for w in writes if w not in service_writes]
 
         def install() -> None:
@@ -428,15 +456,17 @@ class Deployment:
         steps = [Step("render-unit", "write env file and unit, switch venv", install, uninstall)]
         bootstrap = self.spec.bootstrap
         if bootstrap and bootstrap.step == "before-start":
-            steps.append(Step("bootstrap", bootstrap.script,
-                              lambda: self._bootstrap(model_path, venv)))  # fmt: skip
+            steps.append(
+                Step("bootstrap", bootstrap.script, lambda: self._bootstrap(model_path, venv))
+            )
         if self.plan.stop_flux and before.flux_active:
             steps.append(Step("stop-flux", f"stop {remote.flux_service}", stop_flux, start_flux))
         steps.append(Step("start", f"start {unit}", start, stop_new))
         steps.append(Step("wait-healthy", "wait for /health and /status", wait))
         if bootstrap and bootstrap.step == "after-start":
-            steps.append(Step("bootstrap", bootstrap.script,
-                              lambda: self._bootstrap(model_path, venv)))  # fmt: skip
+            steps.append(
+                Step("bootstrap", bootstrap.script, lambda: self._bootstrap(model_path, venv))
+            )
         steps.append(Step("write-discovery-env", "publish the endpoint", publish, unpublish))
         return steps
 
@@ -446,7 +476,9 @@ class Deployment:
         message = f"deploy of {self.plan.model} failed at {failure.step}: {failure.error}"
         message += f"; rolled back ({undone})"
         if failure.undo_errors:
-            message += "; ROLLBACK INCOMPLETE: " + "; ".join(f"{s}: {e}" for s, e in failure.undo_errors)
+            message += "; ROLLBACK INCOMPLETE: " + "; ".join(
+                f"{s}: {e}" for s, e in failure.undo_errors
+            )
         error = DeployError(message, hint="the service's last log lines are shown above")
         error.journal = journal  # type: ignore[attr-defined]
         return error
@@ -484,25 +516,35 @@ class Deployment:
         )
         write_file(
             self.executor,
-            FileWrite(f"{remote.state_dir}/{STATE_FILE_NAME}",
-                      json.dumps({**saved.to_dict(), **state.to_file()}, indent=1) + "\n",
-                      mode="0644"),
-        )  # fmt: skip
+            FileWrite(
+                f"{remote.state_dir}/{STATE_FILE_NAME}",
+                json.dumps({**json.loads(saved.to_json()), **state.to_file()}, indent=1) + "\n",
+                mode="0644",
+            ),
+        )
         return saved
 
-    def _audit(self, outcome: str, *, error: str | None = None, details: dict | None = None) -> None:
+    def _audit(
+        self, outcome: str, *, error: str | None = None, details: dict | None = None
+    ) -> None:
         entry = audit.AuditEntry(
             command=self.options.command,
             outcome=outcome,
             model=self.plan.model,
-            plan={k: self.plan.to_json()[k] for k in ("action", "port", "quantization",
-                                                      "stop_flux", "need_gb", "plan_id")},
+            plan={
+                k: self.plan.to_json()[k]
+                for k in ("action", "port", "quantization", "stop_flux", "need_gb", "plan_id")
+            },
             duration_s=time.monotonic() - self.started,
             error=error,
             details=details or {},
         )
         try:
-            audit.append(self.executor, self.settings.remote.state_dir, entry,
-                         secrets=[self.api_key] if self.api_key else [])  # fmt: skip
+            audit.append(
+                self.executor,
+                self.settings.remote.state_dir,
+                entry,
+                secrets=[self.api_key] if self.api_key else [],
+            )
         except DeployError as exc:
             self.report.warn(f"could not append to the audit log: {exc}")

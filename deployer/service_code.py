@@ -25,9 +25,7 @@ SOURCES = ("deployer", "remote_service")
 COMPLETE_MARKER = ".complete"
 
 # Writes stdin (base64) to argv[1]: how a binary file reaches the host without scp.
-_WRITE_B64 = (
-    "import base64, sys; open(sys.argv[1], 'wb').write(base64.b64decode(sys.stdin.read()))"
-)
+_WRITE_B64 = "import base64, sys; open(sys.argv[1], 'wb').write(base64.b64decode(sys.stdin.read()))"
 
 
 def code_id(root: Path = ROOT) -> str:
@@ -57,9 +55,17 @@ def build_wheel(cache_dir: Path, ident: str, root: Path = ROOT) -> Path:
         build_dir = Path(tmp) / "out"
         proc = subprocess.run(
             [
-                sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                "--quiet", "--wheel-dir", str(build_dir), str(root),
-            ],  # fmt: skip
+                sys.executable,
+                "-m",
+                "pip",
+                "wheel",
+                "--no-deps",
+                "--no-build-isolation",
+                "--quiet",
+                "--wheel-dir",
+                str(build_dir),
+                str(root),
+            ],
             capture_output=True,
             text=True,
             check=False,
