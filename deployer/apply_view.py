@@ -1,0 +1,150 @@
+"""How apply and the operations show themselves in a terminal (Rich) or as JSON."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from .apply import ApplyResult
+from .operations import ServiceStatus
+from .pull import PullEvent, PullProgress, PullResult, PullStarted, PullWarning
+
+STEP_WORDS = {"start": "…", "done": "✓", "undo": "↩ undo", "undo-failed": "✗ undo failed"}
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+class ConsoleReporter:
+    """Step lines, pull progress (bytes, rate, ETA) and health waiting, on one console."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self._last_progress = 0.0
+
+    def step(self, event: str, name: str) -> None:
+        if event == "start":
+            self.console.print(f"[bold]→ {name}[/]")
+        elif event == "done":
+            self.console.print(f"  [green]✓ {name}[/]")
+        elif event == "undo":
+            self.console.print(f"  [yellow]↩ undo {name}[/]")
+        elif event == "undo-failed":
+            self.console.print(f"  [red]✗ undo failed: {name}[/]")
+
+    def info(self, message: str) -> None:
+        self.console.print(f"  {message}", markup=False, highlight=False)
+
+    def warn(self, message: str) -> None:
+        self.console.print(f"  [yellow]warning:[/] {message}")
+
+    def pull(self, event: PullEvent) -> None:
+        if isinstance(event, PullStarted):
+            self.console.print(
+                f"  {event.files} files, {_size(event.total)}; to fetch {_size(event.to_fetch)}"
+                + (
+                    f" (resuming: {_size(event.resumed_bytes)} already here)"
+                    if event.resumed_bytes
+                    else ""
+                )
+            )
+        elif isinstance(event, PullProgress):
+            now = time.monotonic()
+            if now - self._last_progress < 2.0 and event.bytes < event.total:
+                return
+            self._last_progress = now
+            eta = f", ETA {event.eta_s:.0f}s" if event.eta_s is not None else ""
+            self.console.print(
+                f"  {_size(event.bytes)} / {_size(event.total)} "
+                f"at {_size(event.rate_bps or 0)}/s{eta}",
+                highlight=False,
+            )
+        elif isinstance(event, PullWarning):
+            self.warn(event.message)
+        elif isinstance(event, PullResult):
+            self.console.print(f"  {event.status}: {event.path}", highlight=False)
+
+    def health(self, event: dict[str, Any]) -> None:
+        kind = event.get("event")
+        if kind == "waiting":
+            self.console.print(
+                f"  waiting for health: unit {event.get('unit_state')}, "
+                f"health {event.get('health')}, {event.get('elapsed_s')}s",
+                highlight=False,
+            )
+        elif kind == "ready":
+            self.console.print(f"  [green]healthy[/] after {event.get('elapsed_s')}s")
+
+
+def render_result(result: ApplyResult, console: Console, *, address: str | None) -> None:
+    if result.outcome == "unchanged":
+        console.print(f"[green]{result.model} is already deployed and healthy; nothing changed[/]")
+    else:
+        console.print(
+            f"[green bold]deployed {result.model}[/] on port {result.port} "
+            f"(release #{result.release}) in {result.duration_s:.1f}s"
+        )
+    base = f"http://{address or 'HOST'}:{result.port}"
+    console.print(f"  status: {base}/status   health: {base}/health   API: {base}/v1")
+
+
+def apply_json(result: ApplyResult) -> dict[str, Any]:
+    return {
+        "outcome": result.outcome,
+        "model": result.model,
+        "port": result.port,
+        "model_path": result.model_path,
+        "release": result.release,
+        "duration_s": round(result.duration_s, 2),
+        "status": result.status,
+        "fetched_bytes": result.pulled.fetched_bytes if result.pulled else None,
+    }
+
+
+def render_status(status: ServiceStatus, console: Console) -> None:
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column()
+    health_style = "green" if status.health == "ok" else "red"
+    rows = [
+        ("host", status.host),
+        (
+            "service",
+            f"{status.service}: {status.state}"
+            + (f" (restarted {status.restarts}x)" if status.restarts else ""),
+        ),
+        ("model", status.model or "-"),
+        ("revision", status.revision or "-"),
+        ("quantization", status.quantization or "-"),
+        ("port", str(status.port) if status.port else "-"),
+        ("health", f"[{health_style}]{status.health}[/]"),
+        ("flux-api", status.flux),
+        (
+            "RAM",
+            f"{status.ram_available_gb} GB available of {status.ram_total_gb} GB"
+            + (
+                f"; service uses {status.service_memory_gb} GB"
+                if status.service_memory_gb is not None
+                else ""
+            ),
+        ),
+    ]
+    for gpu in status.gpu:
+        rows.append(
+            (f"GPU {gpu['index']}", f"{gpu['name']}: {gpu['used_mib']} / {gpu['total_mib']} MiB")
+        )
+    if not status.gpu:
+        rows.append(("GPU", "none found"))
+    if status.lock:
+        rows.append(("lock", f"[yellow]{status.lock}[/]"))
+    for key, value in rows:
+        table.add_row(key, value)
+    console.print(table)

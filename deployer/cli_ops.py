@@ -1,0 +1,236 @@
+"""``model-deployer``: the operations around a deployment.
+
+    model-deployer status [--json]            what runs, port, health, model, GPU/RAM, Flux
+    model-deployer logs [-n 50] [-f]          the service's journal
+    model-deployer undeploy [--purge-models]  stop and remove the service, start Flux again
+    model-deployer rollback                   put the previous release back
+    model-deployer flux start|stop|status     the resident Flux service
+    model-deployer audit [-n 20]              the host's audit log
+    model-deployer unlock                     break a deploy lock whose holder is gone
+
+Same config, exit codes and error rules as ``deploy-model``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from .cli import DEBUG_ENV, _debug_wanted, _fail, _one_line
+from .errors import DeployError
+
+if TYPE_CHECKING:
+    from .config import Settings
+    from .ssh import SSHHost
+
+
+class _Ctx:
+    def __init__(self, config_path: str | None, trust: bool, debug: bool) -> None:
+        self.config_path = config_path
+        self.trust = trust
+        self.debug = debug
+
+    def settings(self) -> Settings:
+        from .config import load_settings
+
+        return load_settings(self.config_path)
+
+    def host(self, settings: Settings) -> SSHHost:
+        from .planning import open_host
+
+        return open_host(settings, trust_new_host_key=self.trust)
+
+
+def _guard(ctx: _Ctx, work: Callable[[], int | None]) -> None:
+    try:
+        code = work() or 0
+    except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+        raise
+    except DeployError as exc:
+        if ctx.debug:
+            raise
+        _fail(_one_line(exc), exc.exit_code)
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)
+    except Exception as exc:
+        if ctx.debug:
+            raise
+        _fail(f"unexpected {type(exc).__name__}: {exc} (rerun with --debug for details)", 1)
+    sys.exit(code)
+
+
+def _with_host(ctx: _Ctx, action: Callable[[Settings, SSHHost], int | None]) -> None:
+    def work() -> int | None:
+        settings = ctx.settings()
+        host = ctx.host(settings)
+        try:
+            return action(settings, host)
+        finally:
+            host.close()
+
+    _guard(ctx, work)
+
+
+def _console(stderr: bool = False) -> Any:
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Config file (default: $MODEL_DEPLOYER_CONFIG, else ./model-deployer.toml).",
+)
+@click.option(
+    "--trust-new-host-key",
+    is_flag=True,
+    help="Record the host's SSH key when it is not known yet (never when it changed).",
+)
+@click.option("--debug", is_flag=True, help=f"Tracebacks on errors (also {DEBUG_ENV}=1).")
+@click.pass_context
+def main(
+    ctx: click.Context, config_path: str | None, trust_new_host_key: bool, debug: bool
+) -> None:
+    """Operate the model deployment on the GPU host."""
+    ctx.obj = _Ctx(config_path, trust_new_host_key, _debug_wanted(debug))
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="JSON on stdout.")
+@click.pass_obj
+def status(ctx: _Ctx, as_json: bool) -> None:
+    """What runs on the host, and whether it is healthy (exit 1 when deployed but unhealthy)."""
+
+    def action(settings: Settings, host: SSHHost) -> int:
+        from .apply_view import render_status
+        from .operations import service_status
+
+        result = service_status(host, settings)
+        if as_json:
+            click.echo(json.dumps(result.to_json(), indent=2, default=str))
+        else:
+            render_status(result, _console())
+        return 1 if result.model and result.health != "ok" else 0
+
+    _with_host(ctx, action)
+
+
+@main.command()
+@click.option("-n", "--lines", default=50, show_default=True, type=click.IntRange(1, 100000))
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new lines (Ctrl-C stops).")
+@click.pass_obj
+def logs(ctx: _Ctx, lines: int, follow: bool) -> None:
+    """The service's journal."""
+
+    def action(settings: Settings, host: SSHHost) -> None:
+        from .operations import stream_logs
+
+        stream_logs(host, settings, lines=lines, follow=follow, on_line=click.echo)
+
+    _with_host(ctx, action)
+
+
+@main.command()
+@click.option("--purge-models", is_flag=True, help="Also delete the downloaded weights.")
+@click.option("--keep-flux-stopped", is_flag=True, help="Do not start Flux again.")
+@click.option("--lock-wait", default=0.0, type=click.FloatRange(0), help="Seconds to wait.")
+@click.pass_obj
+def undeploy(ctx: _Ctx, purge_models: bool, keep_flux_stopped: bool, lock_wait: float) -> None:
+    """Stop and remove the inference service (unit, venv, env files); start Flux again."""
+
+    def action(settings: Settings, host: SSHHost) -> None:
+        from .operations import undeploy as run
+
+        result = run(
+            host,
+            settings,
+            purge_models=purge_models,
+            start_flux=not keep_flux_stopped,
+            lock_wait_s=lock_wait,
+        )
+        for path in result.removed:
+            click.echo(f"removed {path}")
+        click.echo(f"{settings.remote.flux_service}: {result.flux}")
+
+    _with_host(ctx, action)
+
+
+@main.command()
+@click.option("--lock-wait", default=0.0, type=click.FloatRange(0), help="Seconds to wait.")
+@click.pass_obj
+def rollback(ctx: _Ctx, lock_wait: float) -> None:
+    """Put the previous release (unit, env file, venv, weights) back and wait for health."""
+
+    def action(settings: Settings, host: SSHHost) -> None:
+        from .apply_view import ConsoleReporter
+        from .operations import rollback as run
+
+        reporter = ConsoleReporter(_console())
+        release = run(host, settings, lock_wait_s=lock_wait, on_health=reporter.health)
+        click.echo(f"rolled back to {release.summary()}")
+
+    _with_host(ctx, action)
+
+
+@main.command()
+@click.argument("action", type=click.Choice(["start", "stop", "restart", "status"]))
+@click.pass_obj
+def flux(ctx: _Ctx, action: str) -> None:
+    """Start, stop or show the resident Flux service."""
+
+    def run(settings: Settings, host: SSHHost) -> None:
+        from .operations import flux as do
+
+        click.echo(f"{settings.remote.flux_service}: {do(host, settings, action)}")
+
+    _with_host(ctx, run)
+
+
+@main.command()
+@click.option("-n", "--lines", default=20, show_default=True, type=click.IntRange(1, 10000))
+@click.option("--json", "as_json", is_flag=True, help="JSON lines on stdout.")
+@click.pass_obj
+def audit(ctx: _Ctx, lines: int, as_json: bool) -> None:
+    """The last entries of the host's audit log."""
+
+    def action(settings: Settings, host: SSHHost) -> None:
+        from .operations import audit_tail
+
+        for entry in audit_tail(host, settings, lines):
+            if as_json:
+                click.echo(json.dumps(entry, sort_keys=True))
+            else:
+                click.echo(
+                    f"{entry.get('time', '?')}  {entry.get('operator', '?')}  "
+                    f"{entry.get('command', '?')} {entry.get('model') or ''}  "
+                    f"{entry.get('outcome', '?')}"
+                    + (f"  ({entry['error']})" if entry.get("error") else "")
+                )
+
+    _with_host(ctx, action)
+
+
+@main.command()
+@click.pass_obj
+def unlock(ctx: _Ctx) -> None:
+    """Break the host's deploy lock (only when its holder is surely gone)."""
+
+    def action(settings: Settings, host: SSHHost) -> None:
+        from .operations import unlock as run
+
+        info = run(host, settings)
+        click.echo(f"broke the lock held by {info.describe()}" if info else "no lock was held")
+
+    _with_host(ctx, action)
+
+
+if __name__ == "__main__":
+    main()
