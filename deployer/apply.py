@@ -229,6 +229,13 @@ class Deployment:
         lock = HostLock(
             self.executor, state_dir, command=self.options.command, warn=self.report.warn
         )
+        # The source is checked from here before the host is touched at all.
+        preflight_source(
+            self.settings.s3.bucket or self.catalog.bucket,
+            self.weights_spec.s3_prefix,
+            region=self.settings.s3.region,
+            endpoint_url=self.settings.s3.endpoint_url,
+        )
         self.report.step("start", "lock")
         lock.acquire(wait_s=self.options.lock_wait_s, force=self.options.force_unlock)
         self.report.step("done", "lock")
@@ -254,12 +261,6 @@ class Deployment:
         self.report.step("done", "re-inspect")
 
         bucket = self.settings.s3.bucket or self.catalog.bucket
-        preflight_source(
-            bucket,
-            self.weights_spec.s3_prefix,
-            region=self.settings.s3.region,
-            endpoint_url=self.settings.s3.endpoint_url,
-        )
         self._prepare_dirs()
 
         self.report.step("start", "install-venv")
@@ -271,7 +272,13 @@ class Deployment:
         self.report.step("start", "pull-weights")
         pulled = run_pull(
             self.executor,
-            pull_request(self.settings, self.weights_spec, bucket=bucket),
+            pull_request(
+                self.settings,
+                self.weights_spec,
+                bucket=bucket,
+                concurrency=self.settings.s3.pull_concurrency,
+                max_rate=int(self.settings.s3.pull_max_rate_mbps * 1e6 / 8) or None,
+            ),
             python=f"{venv}/bin/python",
             on_event=self.report.pull,
         )

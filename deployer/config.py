@@ -2,8 +2,8 @@
 
 Sources, later ones win: built-in defaults < the config file (``--config PATH``, else
 ``$MODEL_DEPLOYER_CONFIG``, else ``./model-deployer.toml`` when present) < environment
-overrides named ``MODEL_DEPLOYER_<SECTION>__<KEY>`` (``MODEL_DEPLOYER_HOST__ADDRESS=10.0.0.5``)
-< command-line flags. Unknown keys are errors, everywhere.
+overrides named ``MODEL_DEPLOYER_<SECTION>__<KEY>`` (``MODEL_DEPLOYER_HOST__ADDRESS=10.0.0.5``;
+``MODEL_DEPLOYER_CATALOG`` names the catalog file) < command-line flags. Unknown keys are errors, everywhere.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from .errors import ConfigError
 from .validation import describe, did_you_mean
 
 ENV_CONFIG = "MODEL_DEPLOYER_CONFIG"
+ENV_CATALOG = "MODEL_DEPLOYER_CATALOG"
 ENV_PREFIX = "MODEL_DEPLOYER_"
 DEFAULT_FILE = Path("model-deployer.toml")
 UNIT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,200}\.service$")
@@ -68,6 +69,8 @@ class S3Config(_Section):
     bucket: str | None = None  # default: the catalog's bucket
     region: str = "us-west-2"
     endpoint_url: str | None = None  # an S3-compatible endpoint; AWS when unset
+    pull_concurrency: Annotated[int, Field(ge=1, le=256)] = 16  # parallel ranged GETs on the host
+    pull_max_rate_mbps: Annotated[float, Field(ge=0)] = 0.0  # cap the host's pull; 0: no cap
 
     @field_validator("endpoint_url")
     @classmethod
@@ -183,9 +186,12 @@ class Settings(_Section):
 SECTIONS = tuple(name for name in Settings.model_fields if name not in ("catalog", "source"))
 
 
-def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, str]]:
-    out: dict[str, dict[str, str]] = {}
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
     for key, value in environ.items():
+        if key == ENV_CATALOG:
+            out["catalog"] = value  # type: ignore[assignment]
+            continue
         if not key.startswith(ENV_PREFIX) or key == ENV_CONFIG or "__" not in key:
             continue
         section, _, field = key[len(ENV_PREFIX) :].lower().partition("__")

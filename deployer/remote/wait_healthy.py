@@ -67,6 +67,10 @@ def main() -> int:
             if status_code == 200 and status.get("model") not in (None, model):
                 emit("wrong-model", serving=status.get("model"), expected=model)
                 return 4
+        if health.get("status") == "error":
+            emit("failed", unit_state="engine error", reason=health.get("error") or health,
+                 elapsed_s=round(elapsed, 1))
+            return 3
         state, restarts = unit_state(unit)
         if state.startswith("failed") or restarts >= max_restarts:
             emit("failed", unit_state=state, restarts=restarts, elapsed_s=round(elapsed, 1))
