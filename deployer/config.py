@@ -2,8 +2,9 @@
 
 Sources, later ones win: built-in defaults < the config file (``--config PATH``, else
 ``$MODEL_DEPLOYER_CONFIG``, else ``./model-deployer.toml`` when present) < environment
-overrides named ``MODEL_DEPLOYER_<SECTION>__<KEY>`` (``MODEL_DEPLOYER_HOST__ADDRESS=10.0.0.5``;
-``MODEL_DEPLOYER_CATALOG`` names the catalog file) < command-line flags. Unknown keys are errors, everywhere.
+overrides named ``MODEL_DEPLOYER_<SECTION>__<KEY>`` (e.g. ``MODEL_DEPLOYER_HOST__ADDRESS``;
+``MODEL_DEPLOYER_CATALOG`` names the catalog file) < command-line flags. Unknown keys are
+errors, everywhere.
 """
 
 from __future__ import annotations
