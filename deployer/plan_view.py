@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from .estimate import count_text, size_text
 from .planner import Plan, plan_json
+from .redact import Redactor
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -22,20 +23,18 @@ if TYPE_CHECKING:
     from .catalog import Catalog
 
 SECRET_ENV = re.compile(r"(SECRET|TOKEN|PASSWORD|PASSPHRASE|CREDENTIAL|PRIVATE)", re.I)
-REDACTED = "[REDACTED]"
 MIN_SECRET_LEN = 6
 
 
 def secret_values(environ: Mapping[str, str] | None = None) -> list[str]:
+    """Values of secret-looking variables in the environment (AWS_SECRET_ACCESS_KEY, ...)."""
     environ = os.environ if environ is None else environ
-    values = {v for k, v in environ.items() if SECRET_ENV.search(k) and len(v) >= MIN_SECRET_LEN}
-    return sorted(values, key=len, reverse=True)
+    return [v for k, v in environ.items() if SECRET_ENV.search(k) and len(v) >= MIN_SECRET_LEN]
 
 
 def redact(text: str, environ: Mapping[str, str] | None = None) -> str:
-    for value in secret_values(environ):
-        text = text.replace(value, REDACTED)
-    return text
+    """``text`` without those values or anything credential-shaped (``deployer.redact``)."""
+    return Redactor(secret_values(environ)).text(text)
 
 
 def plan_to_json_text(plan: Plan) -> str:

@@ -1,7 +1,7 @@
 """Inspect the GPU host: one remote command over the executor's one connection.
 
-The command is the stdlib script ``deployer/remote/probe_host.py`` run by the host's own
-``python3``; it prints one JSON object, validated here into ``HostFacts``. Nothing on the host
+The command is the stdlib script ``deployer/remote/probe_host.py``, sent on stdin to the host's
+own ``python3 -``; it prints one JSON object, validated here into ``HostFacts``. Nothing on the host
 is changed: the script only reads /proc, /sys, the state file, and asks systemctl and the GPU
 driver.
 """
@@ -32,11 +32,10 @@ def probe_script() -> str:
 
 
 def probe_command(remote: RemoteConfig, *, command_timeout: float = COMMAND_TIMEOUT_S) -> list[str]:
-    """The one remote command: ``python3 -c <probe_host.py> --models-dir ...``."""
+    """The one remote command, ``python3 - --models-dir ...``; the script goes on stdin."""
     return [
         remote.python,
-        "-c",
-        probe_script(),
+        "-",
         "--models-dir",
         remote.models_dir,
         "--state-dir",
@@ -92,6 +91,7 @@ def inspect_host(
     failures come from the executor as ``ConnectError``."""
     result = executor.run(
         probe_command(remote, command_timeout=command_timeout),
+        stdin=probe_script(),
         check=False,
         timeout=timeout,
         what="host probe",

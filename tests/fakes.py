@@ -281,7 +281,7 @@ def probe_answer(facts_json: Mapping[str, Any]) -> Callable[[Call], CommandResul
 
 
 def is_probe(call: Call) -> bool:
-    return len(call.argv) > 2 and call.argv[1] == "-c" and "probe_host" in call.argv[2]
+    return call.argv[1:2] == ("-",) and "probe_host" in (call.stdin or "")
 
 
 # --------------------------------------------------------------------------- fake tools

@@ -1,13 +1,10 @@
 """Measure the GPU host in one go and print one JSON object (``deployer.facts.HostFacts``).
 
-Stdlib only, Python 3.8+: it runs with the host's stock ``python3``. model-deployer passes this
-file's text as the program of one remote command::
+Stdlib only, Python 3.8+: it runs with the host's stock ``python3``. model-deployer sends this
+file on stdin to one remote command::
 
-    python3 -c <this file> --models-dir /opt/models --state-dir /var/lib/model-deployer \
+    python3 - --models-dir /opt/models --state-dir /var/lib/model-deployer \
         --flux-unit flux-api.service --inference-unit asoba-inference.service
-
-(``-c`` rather than ``python3 -`` with the text on stdin: Fabric feeds stdin in 1000-byte
-chunks with a 10 ms pause between them, which costs this file about 0.2 s per probe.)
 
 It reads /proc and /sys directly where it can, and starts its few commands (systemctl, the
 GPU queries, ss when /proc/net is unreadable) all at once, each with a timeout, so the probe

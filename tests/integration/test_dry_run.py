@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -114,16 +115,23 @@ def cli(
     )
 
 
+# What a dry run must not change: unit files, installs, state, the units' processes, locks.
 SNAPSHOT = (
     "set -e; "
-    "find /etc/systemd/system /opt /var/lib/model-deployer /etc/asoba-inference -xdev "
-    "-path /opt/wheels -prune -o -printf '%p %s %T@ %m %u\\n' 2>/dev/null | sort | sha256sum; "
+    "find /etc/systemd/system /opt /var/lib/model-deployer /etc/asoba-inference /run/lock /tmp "
+    "-xdev -path /opt/wheels -prune -o -printf '%p %s %T@ %m %u\\n' 2>/dev/null | sort; "
     "systemctl show --property=Id,ActiveState,SubState,MainPID,NRestarts,ExecMainStartTimestamp "
     "flux-api.service asoba-inference.service; "
     "systemctl list-units --all --plain --no-legend --full | awk '{print $1, $3, $4}' "
-    "| sort | sha256sum; "
-    "ls -la /run/lock /tmp | sha256sum"
+    "| grep -v '^session-' | sort"
 )
+
+
+@pytest.fixture
+def clean_sandbox(fresh_sandbox: Any) -> Iterator[Any]:
+    """The sandbox in its boot state, put back so after the test (Flux, the GPU double)."""
+    yield fresh_sandbox
+    fresh_sandbox.reset()
 
 
 def host_snapshot(sandbox: Any) -> str:
@@ -164,9 +172,9 @@ def assert_host_short(plan: dict[str, Any]) -> None:
 @pytest.mark.sandbox
 @pytest.mark.parametrize("flux_mib", sorted(EXPECTED))
 def test_every_catalog_model_gets_the_expected_plan(
-    fresh_sandbox: Any, models_in_s3: dict[str, int], flux_mib: int
+    clean_sandbox: Any, models_in_s3: dict[str, int], flux_mib: int
 ) -> None:
-    sandbox = fresh_sandbox
+    sandbox = clean_sandbox
     sandbox.set_flux_gpu_mib(flux_mib)
     before = host_snapshot(sandbox)
     secret = _aws_secret(sandbox)
@@ -193,9 +201,9 @@ def test_every_catalog_model_gets_the_expected_plan(
 
 
 @pytest.mark.sandbox
-def test_rich_dry_run_and_host_unchanged(fresh_sandbox: Any, models_in_s3: dict[str, int]) -> None:
-    before = host_snapshot(fresh_sandbox)
-    result = cli(fresh_sandbox, "qwen3-14b", "--dry-run", env={"COLUMNS": "120"})
+def test_rich_dry_run_and_host_unchanged(clean_sandbox: Any, models_in_s3: dict[str, int]) -> None:
+    before = host_snapshot(clean_sandbox)
+    result = cli(clean_sandbox, "qwen3-14b", "--dry-run", env={"COLUMNS": "120"})
     assert result.returncode == 0, result.stderr
     for text in (
         "REPLACE",
@@ -207,12 +215,12 @@ def test_rich_dry_run_and_host_unchanged(fresh_sandbox: Any, models_in_s3: dict[
         "dry run: nothing was changed on the host",
     ):
         assert text in result.stdout, text
-    assert host_snapshot(fresh_sandbox) == before
+    assert host_snapshot(clean_sandbox) == before
 
 
 @pytest.mark.sandbox
-def test_demo_plan_reads_its_real_size(fresh_sandbox: Any, models_in_s3: dict[str, int]) -> None:
-    plan = plan_json(fresh_sandbox, "demo-tiny")
+def test_demo_plan_reads_its_real_size(clean_sandbox: Any, models_in_s3: dict[str, int]) -> None:
+    plan = plan_json(clean_sandbox, "demo-tiny")
     weights = plan["estimate"]["weights_bytes"]
     assert weights == pytest.approx(models_in_s3["demo-tiny"], rel=0.05)
     assert plan["needs"]["disk_bytes"] >= models_in_s3["demo-tiny"]
@@ -220,19 +228,19 @@ def test_demo_plan_reads_its_real_size(fresh_sandbox: Any, models_in_s3: dict[st
 
 @pytest.mark.sandbox
 def test_plan_still_holds_against_a_fresh_probe(
-    fresh_sandbox: Any, models_in_s3: dict[str, int]
+    clean_sandbox: Any, models_in_s3: dict[str, int]
 ) -> None:
     from deployer.config import load_settings
     from deployer.planner import Plan
     from deployer.probe import inspect_host
     from deployer.ssh import SSHHost
 
-    plan = Plan.model_validate(plan_json(fresh_sandbox, "deepseek-r1-8b"))
-    settings = load_settings(fresh_sandbox.config_path)
+    plan = Plan.model_validate(plan_json(clean_sandbox, "deepseek-r1-8b"))
+    settings = load_settings(clean_sandbox.config_path)
     with SSHHost(settings.host) as host:
         assert plan.still_holds(inspect_host(host, settings.remote)) == []
         # another process takes 9000 MiB of the GPU: 19.5 GB no longer fits once Flux stops
-        fresh_sandbox.update_gpu_state(
+        clean_sandbox.update_gpu_state(
             processes=[{"pid": 4242, "name": "python3", "used_mib": 9000}]
         )
         moved = plan.still_holds(inspect_host(host, settings.remote))
@@ -240,11 +248,35 @@ def test_plan_still_holds_against_a_fresh_probe(
 
 
 @pytest.mark.sandbox
+def test_probe_on_stdin_is_fast_over_ssh(sandbox: Any) -> None:
+    """One connection, one command, the script on stdin: well under a second on the sandbox."""
+    import time
+
+    from deployer.config import load_settings
+    from deployer.probe import inspect_host
+    from deployer.ssh import SSHHost
+
+    settings = load_settings(sandbox.config_path)
+    with SSHHost(settings.host) as host:
+        host.open()
+        started = time.perf_counter()
+        facts = inspect_host(host, settings.remote)
+        elapsed = time.perf_counter() - started
+        big = host.run(["wc", "-c"], stdin="x" * 2_000_000, timeout=30)
+    assert elapsed < 3, elapsed
+    assert big.stdout.strip() == "2000000"
+    assert facts.gpu.source == "nvidia-smi" and facts.gpu.devices[0].name == "NVIDIA A10G"
+    assert facts.flux.active and facts.flux.main_pid in facts.flux.pids
+    assert facts.gpu.devices[0].used_by_pids(facts.flux.pid_set) == 14000 * 1024 * 1024
+    assert 8000 in facts.listening_ports and facts.errors == []
+
+
+@pytest.mark.sandbox
 def test_flux_stopped_by_hand_big_model_takes_8000_without_stopping(
-    fresh_sandbox: Any, models_in_s3: dict[str, int]
+    clean_sandbox: Any, models_in_s3: dict[str, int]
 ) -> None:
-    fresh_sandbox.sudo("systemctl stop flux-api.service")
-    plan = plan_json(fresh_sandbox, "deepseek-r1-8b")
+    clean_sandbox.sudo("systemctl stop flux-api.service")
+    plan = plan_json(clean_sandbox, "deepseek-r1-8b")
     assert (plan["action"], plan["stop_flux"], plan["port"]) == ("replace", False, 8000)
     assert plan["facts"]["flux_state"] == "inactive"
 

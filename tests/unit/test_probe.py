@@ -40,8 +40,7 @@ def test_probe_is_one_command_with_the_script_and_settings() -> None:
     call = fake.calls[0]
     assert call.argv == (
         "python3",
-        "-c",
-        probe_script(),
+        "-",
         "--models-dir",
         "/opt/models",
         "--state-dir",
@@ -53,7 +52,7 @@ def test_probe_is_one_command_with_the_script_and_settings() -> None:
         "--timeout",
         "10",
     )
-    assert call.sudo is False and call.stdin is None and call.timeout == 30.0
+    assert call.sudo is False and call.stdin == probe_script() and call.timeout == 30.0
     assert call.what == "host probe"
     assert facts.gpu.devices[0].name == "NVIDIA A10G"
     assert facts.flux.active and facts.flux.memory_bytes == 34_000_000_000
@@ -69,7 +68,8 @@ def test_probe_command_follows_remote_settings() -> None:
     )
     argv = probe_command(remote)
     assert argv[0] == "/usr/bin/python3.12"
-    assert argv[3:] == [
+    assert argv[1:] == [
+        "-",
         "--models-dir",
         "/data/models",
         "--state-dir",
@@ -351,3 +351,29 @@ def test_script_is_stdlib_only() -> None:
     import sys
 
     assert imported - set(sys.stdlib_module_names) == {"pynvml"}  # optional, guarded
+
+
+def test_ssh_feeds_string_stdin_in_large_chunks() -> None:
+    """The probe goes on stdin: Invoke's default reads a StringIO one byte per 10 ms turn."""
+    import io
+
+    from deployer.ssh import STDIN_CHUNK, _ChunkedStdinRemote
+
+    stream = io.StringIO("x" * (STDIN_CHUNK + 10))
+    runner = _ChunkedStdinRemote.__new__(_ChunkedStdinRemote)
+    assert len(runner.read_our_stdin(stream) or "") == STDIN_CHUNK
+    assert runner.read_our_stdin(stream) == "x" * 10
+    assert runner.read_our_stdin(stream) == ""  # EOF: Invoke then closes the remote stdin
+
+
+def test_script_runs_on_the_system_python(tmp_path: Path) -> None:
+    """Hosts run the probe with their stock python3, outside any virtualenv."""
+    exe = "/usr/bin/python3"
+    if not Path(exe).is_file():
+        pytest.skip("no /usr/bin/python3 here")
+    env = block_pynvml(tmp_path / "shim") | install_fake_nvidia_smi(tmp_path / "bin", GPU_CSV)
+    remote = RemoteConfig(models_dir=str(tmp_path), state_dir=str(tmp_path / "state"))
+    fake = FakeExecutor().on(is_probe, run_locally(env, python=exe))
+    facts = inspect_host(fake, remote)
+    assert facts.software.python.startswith("3.")
+    assert facts.gpu.devices[0].memory_total_mib == 23028
