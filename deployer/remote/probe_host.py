@@ -69,12 +69,18 @@ class Commands:
         proc = self.procs.pop(name)
         try:
             out, err = proc.communicate(timeout=max(self.deadline - time.monotonic(), 0.1))
-            self.results[name] = (proc.returncode, out, " ".join(err.split()))
+            self.results[name] = (proc.returncode, out, last_line(err))
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.communicate()
             self.results[name] = (None, "", f"timed out after {self.timeout:.0f}s")
         return self.results[name]
+
+
+def last_line(text, limit=300):
+    """The last non-empty line of a command's output: its error, without a traceback."""
+    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    return lines[-1][:limit] if lines else ""
 
 
 def read_text(path, limit=1024 * 1024):
@@ -262,8 +268,7 @@ def gpus_from_nvidia_smi(cmds, nvml_error):
     if code is None and err.endswith("not found"):
         return dict(none, error="no NVIDIA driver tools: nvidia-smi not found")
     if code != 0:
-        reason = (err or out).strip().splitlines()
-        detail = reason[-1] if reason else f"exit {code}"
+        detail = err or last_line(out) or f"exit {code}"
         return dict(none, error=f"nvidia-smi failed: {detail}")
     gpus = parse_gpu_csv(out)
     driver = gpus[0].pop("_driver") if gpus else None

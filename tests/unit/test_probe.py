@@ -377,3 +377,17 @@ def test_script_runs_on_the_system_python(tmp_path: Path) -> None:
     facts = inspect_host(fake, remote)
     assert facts.software.python.startswith("3.")
     assert facts.gpu.devices[0].memory_total_mib == 23028
+
+
+def test_a_crashing_tool_is_reported_by_its_last_line(tmp_path: Path) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    tool = bin_dir / "nvidia-smi"
+    tool.write_text(
+        "#!/bin/sh\necho 'Traceback (most recent call last):' >&2\n"
+        "echo '  File \"x\", line 1' >&2\necho 'PermissionError: denied' >&2\nexit 1\n"
+    )
+    tool.chmod(0o755)
+    env = {"PATH": f"{bin_dir}{os.pathsep}/usr/bin:/bin"} | block_pynvml(tmp_path / "shim")
+    facts = _run_probe(tmp_path, env)
+    assert facts.gpu.error == "nvidia-smi failed: PermissionError: denied"

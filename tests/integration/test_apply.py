@@ -1,0 +1,287 @@
+"""Apply, against the sandbox host: deploy, no-op re-run, replace Flux, undeploy, rollback on
+a service that cannot become healthy, an SSH cut in the middle of the pull, and the lock."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from tests.sandbox import SandboxHost, wait_until
+
+pytestmark = pytest.mark.sandbox
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+UNIT = "asoba-inference.service"
+FLUX = "flux-api.service"
+
+
+def run(
+    sandbox: SandboxHost, tool: str, *args: str, env: dict[str, str] | None = None,
+    timeout: float = 900,
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BIN / tool), *args],
+        env={**os.environ, **sandbox.env, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def deploy(sandbox: SandboxHost, *args: str, **kw: object) -> subprocess.CompletedProcess[str]:
+    return run(sandbox, "deploy-model", *args, **kw)  # type: ignore[arg-type]
+
+
+def ops(sandbox: SandboxHost, *args: str, **kw: object) -> subprocess.CompletedProcess[str]:
+    return run(sandbox, "model-deployer", *args, **kw)  # type: ignore[arg-type]
+
+
+def last_json(text: str) -> dict:
+    return json.loads(text[text.index("{"):])
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("demo") / "demo-tiny"
+    subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "make_demo_model.py"), "--out", str(out)],
+        check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+    return out
+
+
+def upload(sandbox: SandboxHost, directory: Path, prefix: str) -> None:
+    s3 = sandbox.s3_client()
+    for path in sorted(directory.iterdir()):
+        if path.is_file():
+            s3.upload_file(str(path), sandbox.bucket, prefix + path.name)
+
+
+@pytest.fixture
+def host(sandbox: SandboxHost, demo_dir: Path) -> Iterator[SandboxHost]:
+    """A pristine host with the demo model in S3."""
+    sandbox.reset()
+    upload(sandbox, demo_dir, "models/demo-tiny/")
+    yield sandbox
+    sandbox.reset()
+
+
+def extra_catalog(tmp_path: Path, **entries: dict) -> Path:
+    """The repository's catalog plus test entries (bootstrap scripts resolve from the repo)."""
+    data = yaml.safe_load((ROOT / "catalog.yaml").read_text())
+    for entry in data["models"].values():
+        if "bootstrap" in entry:
+            entry["bootstrap"]["script"] = str(ROOT / entry["bootstrap"]["script"])
+    base = {"tier": "raw", "precision": "fp32", "parameters_b": 0.001, "size_gb": 0.004,
+            "context_length": 2048}  # fmt: skip
+    for name, entry in entries.items():
+        data["models"][name] = {**base, "s3_prefix": f"models/{name}/", **entry}
+    path = tmp_path / "catalog.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def status(sandbox: SandboxHost, port: int) -> dict:
+    return httpx.get(sandbox.url(port, "/status"), timeout=10).json()
+
+
+def test_deploy_beside_flux_then_rerun_is_a_noop(host: SandboxHost) -> None:
+    first = deploy(host, "demo-tiny", "--json")
+    assert first.returncode == 0, first.stderr
+    out = last_json(first.stdout)
+    assert out["action"] == "coexist" and out["port"] == 8001
+    assert out["apply"]["outcome"] == "deployed"
+
+    assert host.unit_property(FLUX, "ActiveState") == "active"
+    assert host.unit_property(UNIT, "ActiveState") == "active"
+    assert host.unit_property(UNIT, "User") == "ubuntu"
+    pid = host.unit_property(UNIT, "MainPID")
+    assert host.ssh(f"ps -o user= -p {pid}").stdout.strip() == "ubuntu"
+    assert host.unit_property(UNIT, "MemoryMax") == str(32 * 1024**3)
+    assert host.unit_property(UNIT, "CPUQuotaPerSecUSec") == "8s"
+    assert host.unit_property(UNIT, "Restart") == "always"
+    assert host.ssh("stat -c '%a %U' /opt/asoba-inference/service.env").stdout.split() == [
+        "600", "ubuntu",
+    ]  # fmt: skip
+
+    body = status(host, 8001)
+    assert body["status"] == "healthy" and body["model"] == "demo-tiny" and body["port"] == 8001
+    chat = httpx.post(
+        host.url(8001, "/v1/chat/completions"),
+        json={"model": "demo-tiny", "messages": [{"role": "user", "content": "hi"}],
+              "max_tokens": 4},  # fmt: skip
+        timeout=60,
+    )
+    assert chat.status_code == 200 and chat.json()["choices"][0]["message"]["role"] == "assistant"
+
+    env = host.ssh("bash -lc 'echo $ASOBA_INFERENCE_PORT $MISTRAL_STATUS_URL'").stdout.split()
+    assert env == ["8001", "http://localhost:8001/status"]
+
+    entries = [json.loads(line) for line in ops(host, "audit", "--json").stdout.splitlines()]
+    assert entries[-1]["model"] == "demo-tiny" and entries[-1]["outcome"] == "deployed"
+
+    pid_before = host.unit_property(UNIT, "MainPID")
+    again = deploy(host, "demo-tiny", "--json")
+    assert again.returncode == 0, again.stderr
+    result = last_json(again.stdout)["apply"]
+    assert result["outcome"] == "unchanged"
+    assert result["fetched_bytes"] == 0
+    assert host.unit_property(UNIT, "MainPID") == pid_before  # not restarted
+
+    shown = ops(host, "status", "--json")
+    assert shown.returncode == 0, shown.stderr
+    facts = json.loads(shown.stdout)
+    assert (facts["model"], facts["port"], facts["health"]) == ("demo-tiny", 8001, "ok")
+    assert facts["flux"].startswith("active")
+
+
+def test_replace_stops_flux_and_undeploy_restores_it(host: SandboxHost) -> None:
+    host.set_flux_gpu_mib(22800)  # Flux leaves too little GPU memory to share
+    done = deploy(host, "demo-tiny", "--json")
+    assert done.returncode == 0, done.stderr
+    plan = last_json(done.stdout)
+    assert plan["action"] == "replace" and plan["stop_flux"] and plan["port"] == 8000
+    assert host.unit_property(FLUX, "ActiveState") == "inactive"
+    assert status(host, 8000)["model"] == "demo-tiny"
+
+    gone = ops(host, "undeploy")
+    assert gone.returncode == 0, gone.stderr
+    assert host.unit_property(FLUX, "ActiveState") == "active"
+    leftovers = host.ssh(
+        "ls -d /etc/systemd/system/asoba-inference.service /opt/asoba-inference "
+        "/var/lib/model-deployer/lock /etc/profile.d/asoba-inference.sh 2>/dev/null; true"
+    ).stdout.split()
+    assert leftovers == []
+    assert host.unit_property(UNIT, "LoadState") == "not-found"
+
+
+def test_unhealthy_service_rolls_back_to_the_previous_one(
+    host: SandboxHost, demo_dir: Path, tmp_path: Path
+) -> None:
+    assert deploy(host, "demo-tiny").returncode == 0
+    pid_before = host.unit_property(UNIT, "MainPID")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for path in demo_dir.iterdir():
+        data = path.read_bytes()
+        if path.suffix == ".safetensors":
+            data = b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage" + os.urandom(len(data) - 16)
+        (broken / path.name).write_bytes(data)
+    upload(host, broken, "models/broken-tiny/")
+    catalog = extra_catalog(tmp_path, **{"broken-tiny": {}})
+
+    failed = deploy(host, "broken-tiny", env={
+        "MODEL_DEPLOYER_CATALOG": str(catalog),
+        "MODEL_DEPLOYER_SERVICE__HEALTH_TIMEOUT_S": "120",
+    })  # fmt: skip
+    assert failed.returncode != 0
+    assert "rolled back" in failed.stderr
+    assert "Traceback" not in failed.stderr
+    assert host.unit_property(FLUX, "ActiveState") == "active"
+    wait_until(lambda: status(host, 8001).get("model") == "demo-tiny", timeout=120,
+               what="the previous model serving again")  # fmt: skip
+    assert host.unit_property(UNIT, "MainPID") != pid_before  # restarted with its old files
+    assert "demo-tiny" in host.sudo("cat /opt/asoba-inference/service.env").stdout
+    assert host.ssh("test -e /var/lib/model-deployer/lock; echo $?").stdout.strip() == "1"
+
+
+def test_ssh_cut_during_the_pull_resumes_on_the_next_run(
+    host: SandboxHost, demo_dir: Path, tmp_path: Path
+) -> None:
+    padded = tmp_path / "padded"
+    padded.mkdir()
+    for path in demo_dir.iterdir():
+        (padded / path.name).write_bytes(path.read_bytes())
+    (padded / "padding.bin").write_bytes(os.urandom(48 * 1024 * 1024))
+    upload(host, padded, "models/padded-tiny/")
+    env = {
+        "MODEL_DEPLOYER_CATALOG": str(extra_catalog(tmp_path, **{"padded-tiny": {}})),
+        "MODEL_DEPLOYER_S3__PULL_MAX_RATE_MBPS": "40",  # 5 MB/s: about 10 s for the padding
+        "MODEL_DEPLOYER_S3__PULL_CONCURRENCY": "2",
+    }
+    proc = subprocess.Popen(
+        [str(BIN / "deploy-model"), "padded-tiny"],
+        env={**os.environ, **host.env, **env},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        wait_until(
+            lambda: int(host.ssh("sudo du -sb /opt/models/padded-tiny 2>/dev/null | cut -f1; true")
+                        .stdout.strip() or 0) > 8_000_000,
+            timeout=300, what="the pull under way",
+        )  # fmt: skip
+        # Drop every SSH session of the deploy (the test's own command goes with it).
+        host.ssh("sudo pkill -KILL -f 'sshd: ubuntu@notty'", check=False)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0, output
+    assert "Traceback" not in output
+    listing = host.ssh("ls -a /opt/models/padded-tiny").stdout.split()
+    assert any(name.startswith(".staging-") for name in listing)
+    assert [n for n in listing if not n.startswith(".")] == []  # nothing under a final name
+
+    again = deploy(host, "padded-tiny", "--json", env=env)
+    assert again.returncode == 0, again.stderr
+    result = last_json(again.stdout)["apply"]
+    assert result["outcome"] == "deployed"
+    assert 0 < result["fetched_bytes"] < 48 * 1024 * 1024
+    assert status(host, 8001)["model"] == "padded-tiny"
+
+
+def test_a_held_lock_is_reported_and_two_deploys_race_for_it(host: SandboxHost) -> None:
+    holder = {"user": "alice", "machine": "ops-laptop", "pid": 4242, "since":
+              "2026-11-23T10:00:00+00:00", "command": "deploy-model qwen3-14b", "token": "t0"}  # fmt: skip
+    host.sudo(
+        "install -d -m 0755 /var/lib/model-deployer && "
+        "install -d -m 0700 /var/lib/model-deployer/lock && "
+        f"echo '{json.dumps(holder)}' > /tmp/info.json && "
+        "install -m 0644 /tmp/info.json /var/lib/model-deployer/lock/info.json"
+    )
+    held = deploy(host, "demo-tiny")
+    assert held.returncode == 5
+    assert "alice@ops-laptop" in held.stderr and "Traceback" not in held.stderr
+    assert host.unit_property(UNIT, "LoadState") == "not-found"
+    assert ops(host, "unlock").returncode == 0
+
+    results: list[subprocess.CompletedProcess[str]] = []
+    threads = [threading.Thread(target=lambda: results.append(deploy(host, "demo-tiny")))
+               for _ in range(2)]  # fmt: skip
+    for thread in threads:
+        thread.start()
+        time.sleep(0.2)
+    for thread in threads:
+        thread.join(timeout=900)
+    codes = sorted(r.returncode for r in results)
+    assert codes == [0, 5], [r.stderr for r in results]
+    loser = next(r for r in results if r.returncode == 5)
+    assert "holds the host lock" in loser.stderr
+
+
+def test_missing_s3_source_fails_before_the_host_changes(
+    host: SandboxHost, tmp_path: Path
+) -> None:
+    before = host.sudo(
+        "ls -la /etc/systemd/system /opt /var/lib 2>&1; systemctl is-active flux-api.service"
+    ).stdout
+    catalog = extra_catalog(tmp_path, **{"ghost-tiny": {}})
+    failed = deploy(host, "ghost-tiny", env={"MODEL_DEPLOYER_CATALOG": str(catalog)})
+    assert failed.returncode != 0
+    assert "s3://asoba-llm-cache/models/ghost-tiny/" in failed.stderr
+    assert len(failed.stderr.strip().splitlines()) == 1
+    after = host.sudo(
+        "ls -la /etc/systemd/system /opt /var/lib 2>&1; systemctl is-active flux-api.service"
+    ).stdout
+    assert after == before
