@@ -27,7 +27,10 @@ FLUX = "flux-api.service"
 
 
 def run(
-    sandbox: SandboxHost, tool: str, *args: str, env: dict[str, str] | None = None,
+    sandbox: SandboxHost,
+    tool: str,
+    *args: str,
+    env: dict[str, str] | None = None,
     timeout: float = 900,
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
@@ -49,7 +52,7 @@ def ops(sandbox: SandboxHost, *args: str, **kw: object) -> subprocess.CompletedP
 
 
 def last_json(text: str) -> dict:
-    return json.loads(text[text.index("{"):])
+    return json.loads(text[text.index("{") :])
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +60,10 @@ def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("demo") / "demo-tiny"
     subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "make_demo_model.py"), "--out", str(out)],
-        check=True, capture_output=True, timeout=300,
-    )  # fmt: skip
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     return out
 
 
@@ -84,8 +89,13 @@ def extra_catalog(tmp_path: Path, **entries: dict) -> Path:
     for entry in data["models"].values():
         if "bootstrap" in entry:
             entry["bootstrap"]["script"] = str(ROOT / entry["bootstrap"]["script"])
-    base = {"tier": "raw", "precision": "fp32", "parameters_b": 0.001, "size_gb": 0.004,
-            "context_length": 2048}  # fmt: skip
+    base = {
+        "tier": "raw",
+        "precision": "fp32",
+        "parameters_b": 0.001,
+        "size_gb": 0.004,
+        "context_length": 2048,
+    }
     for name, entry in entries.items():
         data["models"][name] = {**base, "s3_prefix": f"models/{name}/", **entry}
     path = tmp_path / "catalog.yaml"
@@ -113,15 +123,19 @@ def test_deploy_beside_flux_then_rerun_is_a_noop(host: SandboxHost) -> None:
     assert host.unit_property(UNIT, "CPUQuotaPerSecUSec") == "8s"
     assert host.unit_property(UNIT, "Restart") == "always"
     assert host.ssh("stat -c '%a %U' /opt/asoba-inference/service.env").stdout.split() == [
-        "600", "ubuntu",
-    ]  # fmt: skip
+        "600",
+        "ubuntu",
+    ]
 
     body = status(host, 8001)
     assert body["status"] == "healthy" and body["model"] == "demo-tiny" and body["port"] == 8001
     chat = httpx.post(
         host.url(8001, "/v1/chat/completions"),
-        json={"model": "demo-tiny", "messages": [{"role": "user", "content": "hi"}],
-              "max_tokens": 4},  # fmt: skip
+        json={
+            "model": "demo-tiny",
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 4,
+        },
         timeout=60,
     )
     assert chat.status_code == 200 and chat.json()["choices"][0]["message"]["role"] == "assistant"
@@ -182,16 +196,23 @@ def test_unhealthy_service_rolls_back_to_the_previous_one(
     upload(host, broken, "models/broken-tiny/")
     catalog = extra_catalog(tmp_path, **{"broken-tiny": {}})
 
-    failed = deploy(host, "broken-tiny", env={
-        "MODEL_DEPLOYER_CATALOG": str(catalog),
-        "MODEL_DEPLOYER_SERVICE__HEALTH_TIMEOUT_S": "120",
-    })  # fmt: skip
+    failed = deploy(
+        host,
+        "broken-tiny",
+        env={
+            "MODEL_DEPLOYER_CATALOG": str(catalog),
+            "MODEL_DEPLOYER_SERVICE__HEALTH_TIMEOUT_S": "120",
+        },
+    )
     assert failed.returncode != 0
     assert "rolled back" in failed.stderr
     assert "Traceback" not in failed.stderr
     assert host.unit_property(FLUX, "ActiveState") == "active"
-    wait_until(lambda: status(host, 8001).get("model") == "demo-tiny", timeout=120,
-               what="the previous model serving again")  # fmt: skip
+    wait_until(
+        lambda: status(host, 8001).get("model") == "demo-tiny",
+        timeout=120,
+        what="the previous model serving again",
+    )
     assert host.unit_property(UNIT, "MainPID") != pid_before  # restarted with its old files
     assert "demo-tiny" in host.sudo("cat /opt/asoba-inference/service.env").stdout
     assert host.ssh("test -e /var/lib/model-deployer/lock; echo $?").stdout.strip() == "1"
@@ -214,14 +235,24 @@ def test_ssh_cut_during_the_pull_resumes_on_the_next_run(
     proc = subprocess.Popen(
         [str(BIN / "deploy-model"), "padded-tiny"],
         env={**os.environ, **host.env, **env},
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         wait_until(
-            lambda: int(host.ssh("sudo du -sb /opt/models/padded-tiny 2>/dev/null | cut -f1; true")
-                        .stdout.strip() or 0) > 8_000_000,
-            timeout=300, what="the pull under way",
-        )  # fmt: skip
+            lambda: (
+                int(
+                    host.ssh(
+                        "sudo du -sb /opt/models/padded-tiny 2>/dev/null | cut -f1; true"
+                    ).stdout.strip()
+                    or 0
+                )
+                > 8_000_000
+            ),
+            timeout=300,
+            what="the pull under way",
+        )
         # Drop every SSH session of the deploy (the test's own command goes with it).
         host.ssh("sudo pkill -KILL -f 'sshd: ubuntu@notty'", check=False)
         output, _ = proc.communicate(timeout=120)
@@ -242,8 +273,14 @@ def test_ssh_cut_during_the_pull_resumes_on_the_next_run(
 
 
 def test_a_held_lock_is_reported_and_two_deploys_race_for_it(host: SandboxHost) -> None:
-    holder = {"user": "alice", "machine": "ops-laptop", "pid": 4242, "since":
-              "2026-11-23T10:00:00+00:00", "command": "deploy-model qwen3-14b", "token": "t0"}  # fmt: skip
+    holder = {
+        "user": "alice",
+        "machine": "ops-laptop",
+        "pid": 4242,
+        "since": "2026-11-23T10:00:00+00:00",
+        "command": "deploy-model qwen3-14b",
+        "token": "t0",
+    }
     host.sudo(
         "install -d -m 0755 /var/lib/model-deployer && "
         "install -d -m 0700 /var/lib/model-deployer/lock && "
@@ -257,8 +294,9 @@ def test_a_held_lock_is_reported_and_two_deploys_race_for_it(host: SandboxHost) 
     assert ops(host, "unlock").returncode == 0
 
     results: list[subprocess.CompletedProcess[str]] = []
-    threads = [threading.Thread(target=lambda: results.append(deploy(host, "demo-tiny")))
-               for _ in range(2)]  # fmt: skip
+    threads = [
+        threading.Thread(target=lambda: results.append(deploy(host, "demo-tiny"))) for _ in range(2)
+    ]
     for thread in threads:
         thread.start()
         time.sleep(0.2)
@@ -270,9 +308,7 @@ def test_a_held_lock_is_reported_and_two_deploys_race_for_it(host: SandboxHost) 
     assert "holds the host lock" in loser.stderr
 
 
-def test_missing_s3_source_fails_before_the_host_changes(
-    host: SandboxHost, tmp_path: Path
-) -> None:
+def test_missing_s3_source_fails_before_the_host_changes(host: SandboxHost, tmp_path: Path) -> None:
     before = host.sudo(
         "ls -la /etc/systemd/system /opt /var/lib 2>&1; systemctl is-active flux-api.service"
     ).stdout
