@@ -259,9 +259,6 @@ class Loaded:
     specs: list[ModelSpec] = field(default_factory=list)
     results: list[CheckResult] = field(default_factory=list)
 
-    def failed(self, row: str) -> CheckResult | None:
-        return next((r for r in self.results if r.name == row and r.status == "fail"), None)
-
     def shown(self, groups: frozenset[str]) -> list[CheckResult]:
         """The config rows to report: the selected ones, and a failure others depend on."""
         needed = {"config"} if self.settings is None else set()
@@ -274,7 +271,9 @@ class Loaded:
         ]
 
 
-def check_settings(options: Options, environ: Mapping[str, str]) -> tuple[CheckResult, Any]:
+def check_settings(
+    options: Options, environ: Mapping[str, str]
+) -> tuple[CheckResult, Settings | None]:
     from .config import load_settings
     from .errors import ConfigError
 
@@ -323,7 +322,9 @@ def check_key_file(path: Path | None, environ: Mapping[str, str]) -> CheckResult
     return ok(name, f"{path} (mode {mode:04o})")
 
 
-def check_catalog(settings: Settings, options: Options) -> tuple[CheckResult, Any, list[Any]]:
+def check_catalog(
+    settings: Settings, options: Options
+) -> tuple[CheckResult, Catalog | None, list[ModelSpec]]:
     from .catalog import load_catalog
     from .errors import CatalogError
 
@@ -548,9 +549,12 @@ def check_sudo(answer: HostAnswer, settings: Settings) -> CheckResult:
     elapsed = max((float(answer.command(n).get("elapsed_s") or 0) for n in names), default=0.0)
     user = settings.host.user
     if not failed:
-        ran = sum(1 for n in names if n.startswith("sudo:"))
-        value = f"passwordless sudo for {user}: {ran} commands run, {len(names) - ran} permitted"
-        return ok("sudo", value + " (sudo -n -l)", elapsed)
+        ran = [_sudo_label(n) for n in names if n.startswith("sudo:")]
+        value = (
+            f"passwordless sudo for {user}: ran {', '.join(ran)}; "
+            f"{len(names) - len(ran)} more deploy commands permitted (sudo -n -l, not run)"
+        )
+        return ok("sudo", value, elapsed)
     shown = "; ".join(f"{_sudo_label(n)}: {_why(r)}" for n, r in failed[:3])
     more = f" (+{len(failed) - 3} more)" if len(failed) > 3 else ""
     remedy = (
