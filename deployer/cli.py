@@ -1,6 +1,6 @@
 """``deploy-model``: the operator's command. Thin: parse, call the core, show, map errors.
 
-    deploy-model NAME --dry-run [--json] [--force-quantize [4bit|8bit]] [--config PATH]
+    deploy-model NAME [--dry-run] [--json] [--force-quantize [4bit|8bit]] [--config PATH]
     deploy-model --list
 
 Exit codes: 0 a plan that can apply (or applied); 2 bad config, catalog or unknown model;
@@ -14,6 +14,7 @@ Only click and the error classes are imported at start-up, so ``--help`` is inst
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from typing import TYPE_CHECKING, NoReturn
@@ -25,6 +26,7 @@ from .errors import DeployError, PlanRefused
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from .catalog import Catalog
     from .config import Settings
     from .planner import Plan
     from .ssh import Executor
@@ -50,18 +52,47 @@ def _one_line(exc: DeployError) -> str:
     return text
 
 
-# ----------------------------------------------------------------------------- APPLY
-def apply_plan(plan: Plan, *, settings: Settings, executor: Executor, console: Console) -> None:
-    """APPLY PLUG-IN POINT: put ``plan`` on the host through ``executor``.
+def apply_plan(
+    plan: Plan,
+    *,
+    settings: Settings,
+    catalog: Catalog,
+    executor: Executor,
+    console: Console,
+    lock_wait: float,
+    force_unlock: bool,
+    as_json: bool,
+) -> None:
+    """Put ``plan`` on the host (``deployer.apply``): lock, re-check, pull, switch, verify."""
+    from .apply import ApplyOptions, Deployment
+    from .apply_view import ConsoleReporter, apply_json, render_result
+    from .plan_view import plan_json
 
-    Called only for a plan that can apply, on the same open connection the plan was made on.
-    The apply stage takes the host lock, re-probes and checks ``plan.still_holds(facts)``
-    (raising ``PlanOutdated`` when it returns anything), then runs ``plan.steps``.
-    """
-    raise DeployError(
-        "apply is not available yet",
-        hint=f"run `deploy-model {plan.model} --dry-run` to see the plan",
+    deployment = Deployment(
+        plan=plan,
+        spec=catalog.get(plan.model),
+        catalog=catalog,
+        settings=settings,
+        executor=executor,
+        reporter=ConsoleReporter(console),
+        options=ApplyOptions(
+            lock_wait_s=lock_wait,
+            force_unlock=force_unlock,
+            command=" ".join(["deploy-model", *sys.argv[1:]]),
+        ),
     )
+    try:
+        result = deployment.run()
+    except DeployError as exc:
+        journal = getattr(exc, "journal", "")
+        if journal:
+            console.print("[bold]last lines of the service's journal:[/]")
+            console.print(journal, markup=False, highlight=False)
+        raise
+    if as_json:
+        click.echo(json.dumps({**plan_json(plan), "apply": apply_json(result)}, indent=2))
+    else:
+        render_result(result, console, address=settings.host.address)
 
 
 # -----------------------------------------------------------------------------
@@ -99,6 +130,17 @@ def _console(as_json: bool) -> Console:
     is_flag=True,
     help="Record the host's SSH key when it is not known yet (never when it changed).",
 )
+@click.option(
+    "--lock-wait",
+    default=0.0,
+    type=click.FloatRange(0),
+    help="Seconds to wait for another deploy's host lock (default: fail at once).",
+)
+@click.option(
+    "--force-unlock",
+    is_flag=True,
+    help="Break a host lock whose holder is gone (check `model-deployer status` first).",
+)
 @click.option("--debug", is_flag=True, help=f"Tracebacks on errors (also {DEBUG_ENV}=1).")
 def main(
     name: str | None,
@@ -108,13 +150,23 @@ def main(
     config_path: str | None,
     list_models: bool,
     trust_new_host_key: bool,
+    lock_wait: float,
+    force_unlock: bool,
     debug: bool,
 ) -> None:
     """Plan (and, without --dry-run, apply) putting model NAME on the GPU host."""
     debug = _debug_wanted(debug)
     try:
         code = _run(
-            name, dry_run, as_json, force_quantize, config_path, list_models, trust_new_host_key
+            name,
+            dry_run,
+            as_json,
+            force_quantize,
+            config_path,
+            list_models,
+            trust_new_host_key,
+            lock_wait=lock_wait,
+            force_unlock=force_unlock,
         )
     except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
         raise
@@ -139,6 +191,9 @@ def _run(
     config_path: str | None,
     list_models: bool,
     trust_new_host_key: bool,
+    *,
+    lock_wait: float = 0.0,
+    force_unlock: bool = False,
 ) -> int:
     from .catalog import load_catalog
     from .config import load_settings
@@ -171,15 +226,24 @@ def _run(
             flags=flags,
         )
         plan = result.plan
-        if as_json:
+        if as_json and (dry_run or not plan.can_apply):
             click.echo(plan_to_json_text(plan))
-        else:
+        elif not as_json:
             render_plan(plan, console, dry_run=dry_run)
         if not plan.can_apply:
             raise PlanRefused(f"{plan.model}: nothing fits: {plan.refusal_message()}")
         if dry_run:
             return 0
-        apply_plan(plan, settings=settings, executor=executor, console=console)
+        apply_plan(
+            plan,
+            settings=settings,
+            catalog=catalog,
+            executor=executor,
+            console=console,
+            lock_wait=lock_wait,
+            force_unlock=force_unlock,
+            as_json=as_json,
+        )
         return 0
     finally:
         executor.close()

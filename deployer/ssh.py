@@ -135,18 +135,6 @@ class _ChunkedStdinRemote(Remote):
         return super().read_our_stdin(input_)  # type: ignore[no-any-return]
 
 
-class _BulkStdin(io.StringIO):
-    """Stdin for a remote command, handed over in large chunks.
-
-    Invoke reads a non-terminal ``in_stream`` one byte per call with a 10 ms nap between
-    calls (about 100 bytes/s); a script sent on stdin would take minutes. Ignoring the size
-    asked for keeps its loop but moves 64 KiB per turn.
-    """
-
-    def read(self, size: int | None = -1) -> str:
-        return super().read(-1 if size is None or size < 0 else max(size, 65536))
-
-
 class SSHHost:
     """An ``Executor`` over one Fabric connection, opened on first use."""
 
@@ -238,7 +226,7 @@ class SSHHost:
                 hide=out is None,
                 warn=True,
                 pty=False,
-                in_stream=_BulkStdin(stdin) if stdin is not None else False,
+                in_stream=io.StringIO(stdin) if stdin is not None else False,
                 out_stream=out,
                 err_stream=io.StringIO() if out is not None else None,
                 timeout=timeout,

@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from click.testing import CliRunner, Result
@@ -212,13 +212,80 @@ def test_name_required(host: Host) -> None:
     assert result.exit_code == 2 and "give a model NAME" in result.output
 
 
-def test_apply_is_not_plugged_in_yet(host: Host) -> None:
+class FakeDeployment:
+    """Stands in for ``deployer.apply.Deployment``: records what the CLI hands it."""
+
+    calls: ClassVar[list[dict[str, Any]]] = []
+    error: Exception | None = None
+
+    def __init__(self, **kwargs: Any) -> None:
+        FakeDeployment.calls.append(kwargs)
+
+    def run(self) -> Any:
+        from deployer.apply import ApplyResult
+
+        if FakeDeployment.error is not None:
+            raise FakeDeployment.error
+        return ApplyResult(
+            "deployed",
+            "demo-tiny",
+            8001,
+            "/opt/models/demo-tiny/r1",
+            3,
+            {"status": "healthy"},
+            12.5,
+        )
+
+
+@pytest.fixture
+def deployment(monkeypatch: pytest.MonkeyPatch) -> type[FakeDeployment]:
+    import deployer.apply
+
+    FakeDeployment.calls = []
+    FakeDeployment.error = None
+    monkeypatch.setattr(deployer.apply, "Deployment", FakeDeployment)
+    return FakeDeployment
+
+
+def test_apply_hands_the_shown_plan_to_the_deployment(
+    host: Host, deployment: type[FakeDeployment]
+) -> None:
+    result = run("demo-tiny", "--json", "--lock-wait", "30", "--force-unlock")
+    assert result.exit_code == 0, result.output
+    (call,) = deployment.calls
+    assert call["plan"].model == "demo-tiny" and call["spec"].name == "demo-tiny"
+    assert call["options"].lock_wait_s == 30.0 and call["options"].force_unlock
+    assert call["executor"] is host.executors[0]
+    out = json.loads(result.stdout)
+    assert out["action"] == call["plan"].action
+    assert out["apply"] == {
+        "outcome": "deployed",
+        "model": "demo-tiny",
+        "port": 8001,
+        "model_path": "/opt/models/demo-tiny/r1",
+        "release": 3,
+        "duration_s": 12.5,
+        "status": {"status": "healthy"},
+        "fetched_bytes": None,
+    }
+    assert host.executors[0].closed
+
+
+def test_apply_failure_is_one_line_with_the_journal_shown(
+    host: Host, deployment: type[FakeDeployment]
+) -> None:
+    from deployer.errors import DeployError
+
+    error = DeployError("deploy of demo-tiny failed at wait-healthy: boom; rolled back (start)")
+    error.journal = "Nov 23 service[1]: OSError: weights unreadable"  # type: ignore[attr-defined]
+    deployment.error = error
     result = run("demo-tiny")
     assert result.exit_code == 1
-    assert result.stderr.strip().splitlines()[-1] == (
-        "error: apply is not available yet (run `deploy-model demo-tiny --dry-run` to see the plan)"
-    )
-    assert host.executors[0].closed
+    assert "weights unreadable" in result.stdout
+    assert result.stderr.strip().splitlines() == [
+        "error: deploy of demo-tiny failed at wait-healthy: boom; rolled back (start)"
+    ]
+    assert "Traceback" not in result.output
 
 
 def test_secrets_never_reach_the_output(host: Host, monkeypatch: pytest.MonkeyPatch) -> None:
