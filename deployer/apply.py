@@ -278,6 +278,7 @@ class Deployment:
                 bucket=bucket,
                 concurrency=self.settings.s3.pull_concurrency,
                 max_rate=int(self.settings.s3.pull_max_rate_mbps * 1e6 / 8) or None,
+                part_size=self.settings.s3.pull_part_mb * 1024 * 1024,
             ),
             python=f"{venv}/bin/python",
             on_event=self.report.pull,

@@ -72,6 +72,7 @@ class S3Config(_Section):
     endpoint_url: str | None = None  # an S3-compatible endpoint; AWS when unset
     pull_concurrency: Annotated[int, Field(ge=1, le=256)] = 16  # parallel ranged GETs on the host
     pull_max_rate_mbps: Annotated[float, Field(ge=0)] = 0.0  # cap the host's pull; 0: no cap
+    pull_part_mb: Annotated[int, Field(ge=5, le=4096)] = 64  # ranged-GET size; resume unit
 
     @field_validator("endpoint_url")
     @classmethod

@@ -231,6 +231,10 @@ class SSHHost:
                 err_stream=io.StringIO() if out is not None else None,
                 timeout=timeout,
             )
+            if raw.exited == -1:
+                # The channel closed without an exit status: the connection went away.
+                self.close()
+                raise ConnectError(f"connection to {self.target} lost during {what or command}")
             result = CommandResult(command, raw.exited, raw.stdout, raw.stderr)
         except CommandTimedOut as exc:
             stdout = exc.result.stdout if exc.result is not None else ""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -84,11 +85,10 @@ def host(sandbox: SandboxHost, demo_dir: Path) -> Iterator[SandboxHost]:
 
 
 def extra_catalog(tmp_path: Path, **entries: dict) -> Path:
-    """The repository's catalog plus test entries (bootstrap scripts resolve from the repo)."""
+    """The repository's catalog plus test entries."""
     data = yaml.safe_load((ROOT / "catalog.yaml").read_text())
     for entry in data["models"].values():
-        if "bootstrap" in entry:
-            entry["bootstrap"]["script"] = str(ROOT / entry["bootstrap"]["script"])
+        entry.pop("bootstrap", None)  # their scripts live beside the repository's catalog
     base = {
         "tier": "raw",
         "precision": "fp32",
@@ -229,8 +229,10 @@ def test_ssh_cut_during_the_pull_resumes_on_the_next_run(
     upload(host, padded, "models/padded-tiny/")
     env = {
         "MODEL_DEPLOYER_CATALOG": str(extra_catalog(tmp_path, **{"padded-tiny": {}})),
-        "MODEL_DEPLOYER_S3__PULL_MAX_RATE_MBPS": "40",  # 5 MB/s: about 10 s for the padding
+        # 5 MB/s in 8 MiB ranges: about 10 s for the padding, a finished range every ~3 s.
+        "MODEL_DEPLOYER_S3__PULL_MAX_RATE_MBPS": "40",
         "MODEL_DEPLOYER_S3__PULL_CONCURRENCY": "2",
+        "MODEL_DEPLOYER_S3__PULL_PART_MB": "8",
     }
     proc = subprocess.Popen(
         [str(BIN / "deploy-model"), "padded-tiny"],
@@ -239,25 +241,27 @@ def test_ssh_cut_during_the_pull_resumes_on_the_next_run(
         stderr=subprocess.STDOUT,
         text=True,
     )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")))
+    reader.start()
+    progress = re.compile(r"^\s+([\d.]+) MB / [\d.]+ MB at")
+
+    def pulled_mb() -> float:
+        found = [float(m.group(1)) for line in list(lines) if (m := progress.match(line))]
+        return max(found, default=0.0)
+
     try:
-        wait_until(
-            lambda: (
-                int(
-                    host.ssh(
-                        "sudo du -sb /opt/models/padded-tiny 2>/dev/null | cut -f1; true"
-                    ).stdout.strip()
-                    or 0
-                )
-                > 8_000_000
-            ),
-            timeout=300,
-            what="the pull under way",
-        )
+        wait_until(lambda: pulled_mb() >= 30, timeout=300, what="the pull under way")
         # Drop every SSH session of the deploy (the test's own command goes with it).
         host.ssh("sudo pkill -KILL -f 'sshd: ubuntu@notty'", check=False)
-        output, _ = proc.communicate(timeout=120)
+        proc.wait(timeout=120)
+        reader.join(timeout=10)
     finally:
         proc.kill()
+        proc.wait()
+        if proc.stdout:
+            proc.stdout.close()
+    output = "".join(lines)
     assert proc.returncode != 0, output
     assert "Traceback" not in output
     listing = host.ssh("ls -a /opt/models/padded-tiny").stdout.split()
