@@ -325,3 +325,52 @@ def test_missing_s3_source_fails_before_the_host_changes(host: SandboxHost, tmp_
         "ls -la /etc/systemd/system /opt /var/lib 2>&1; systemctl is-active flux-api.service"
     ).stdout
     assert after == before
+
+
+def test_bootstrap_hook_output_is_shown_and_its_failure_rolls_back(
+    host: SandboxHost, demo_dir: Path, tmp_path: Path
+) -> None:
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "ok.sh").write_text('echo "hook saw $MODEL_NAME in $MODEL_DIR"\n')
+    (hooks / "bad.sh").write_text('echo "checking $MODEL_NAME"; echo "no GPU driver" >&2; exit 3\n')
+    upload(host, demo_dir, "models/hooked-ok/")
+    upload(host, demo_dir, "models/hooked-bad/")
+    catalog = extra_catalog(
+        tmp_path,
+        **{
+            "hooked-ok": {"bootstrap": {"script": "hooks/ok.sh", "step": "before-start"}},
+            "hooked-bad": {"bootstrap": {"script": "hooks/bad.sh", "step": "before-start"}},
+        },
+    )
+    env = {"MODEL_DEPLOYER_CATALOG": str(catalog)}
+    good = deploy(host, "hooked-ok", env=env)
+    assert good.returncode == 0, good.stderr
+    assert "hook saw hooked-ok in /opt/models/hooked-ok/" in good.stdout
+
+    bad = deploy(host, "hooked-bad", env=env)
+    assert bad.returncode != 0
+    assert "failed at bootstrap" in bad.stderr and "no GPU driver" in bad.stderr
+    assert status(host, 8001)["model"] == "hooked-ok"
+    assert host.unit_property(FLUX, "ActiveState") == "active"
+
+
+def test_rollback_puts_the_previous_release_back(
+    host: SandboxHost, demo_dir: Path, tmp_path: Path
+) -> None:
+    upload(host, demo_dir, "models/demo-tiny-b/")
+    env = {"MODEL_DEPLOYER_CATALOG": str(extra_catalog(tmp_path, **{"demo-tiny-b": {}}))}
+    assert deploy(host, "demo-tiny", env=env).returncode == 0
+    assert deploy(host, "demo-tiny-b", env=env).returncode == 0
+    assert status(host, 8001)["model"] == "demo-tiny-b"
+
+    back = ops(host, "rollback", env=env)
+    assert back.returncode == 0, back.stderr
+    assert "demo-tiny" in back.stdout
+    assert status(host, 8001)["model"] == "demo-tiny"
+    shown = json.loads(ops(host, "status", "--json", env=env).stdout)
+    assert shown["model"] == "demo-tiny" and shown["health"] == "ok"
+    outcomes = [
+        json.loads(line)["command"] for line in ops(host, "audit", "--json").stdout.splitlines()
+    ]
+    assert outcomes[-1] == "rollback"
