@@ -106,6 +106,7 @@ class HostSnapshot:
     venv: str | None
     service_active: bool
     flux_active: bool
+    deployed: DeploymentState | None = None
 
     def file(self, path: str) -> str | None:
         return self.files.get(path)
@@ -124,6 +125,7 @@ def snapshot(
         venv=current_venv(executor, settings),
         service_active=facts.inference.active,
         flux_active=facts.flux.active,
+        deployed=facts.deployed,
     )
 
 
@@ -431,12 +433,25 @@ class Deployment:
                 for argv in switch_venv_argv(self.settings, before.venv):
                     ex.run(argv, sudo=True)
             ex.run(commands.daemon_reload(), sudo=True)
-            if before.service_active:
+            # The previous service kept running until ``start``; only then must it come back.
+            if before.service_active and started:
                 ex.run(commands.reset_failed(unit), sudo=True, check=False)
                 ex.run(commands.restart(unit), sudo=True)
                 self.report.info(f"previous {unit} restarted")
+                if before.deployed is not None:
+                    wait_healthy(
+                        ex,
+                        self.settings,
+                        port=before.deployed.port,
+                        model=before.deployed.model,
+                        timeout_s=self.settings.service.health_timeout_s,
+                        on_event=self.report.health,
+                    )
+
+        started: list[bool] = []
 
         def start() -> None:
+            started.append(True)
             ex.run(commands.reset_failed(unit), sudo=True, check=False)
             ex.run(commands.enable(unit), sudo=True)
             ex.run(commands.restart(unit), sudo=True)

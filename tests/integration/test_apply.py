@@ -75,10 +75,24 @@ def upload(sandbox: SandboxHost, directory: Path, prefix: str) -> None:
             s3.upload_file(str(path), sandbox.bucket, prefix + path.name)
 
 
+KEPT_VENVS = "/var/tmp/model-deployer-test-venvs"
+
+
+def reset_keeping_venvs(sandbox: SandboxHost) -> None:
+    """Back to the boot state, except that service venvs built by earlier tests survive:
+    building one takes half a minute and the first test of the module already covers it."""
+    sandbox.sudo(f"rm -rf {KEPT_VENVS}; mv /opt/asoba-inference/venvs {KEPT_VENVS} || true")
+    sandbox.reset()
+    sandbox.sudo(
+        f"if [ -d {KEPT_VENVS} ]; then install -d -m 0755 /opt/asoba-inference && "
+        f"mv {KEPT_VENVS} /opt/asoba-inference/venvs; fi"
+    )
+
+
 @pytest.fixture
 def host(sandbox: SandboxHost, demo_dir: Path) -> Iterator[SandboxHost]:
-    """A pristine host with the demo model in S3."""
-    sandbox.reset()
+    """A pristine host (but for cached venvs) with the demo model in S3."""
+    reset_keeping_venvs(sandbox)
     upload(sandbox, demo_dir, "models/demo-tiny/")
     yield sandbox
     sandbox.reset()
