@@ -802,13 +802,13 @@ def _steps(
             description="probe the host again; stop if the plan no longer holds (Plan.still_holds)",
         ),
         PlanStep(
-            name="pull-weights",
-            description=f"download {service.weights_uri} ({size_text(need.disk_bytes)}) "
-            f"to {service.weights_dir}",
-        ),
-        PlanStep(
             name="install-venv",
             description=f"prepare the service virtualenv in {remote.service_dir} ({backend})",
+        ),
+        PlanStep(
+            name="pull-weights",
+            description=f"download (on the host) {service.weights_uri} ({size_text(need.disk_bytes)}) "
+            f"to {service.weights_dir}",
         ),
         PlanStep(
             name="render-unit",

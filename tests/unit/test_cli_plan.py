@@ -113,7 +113,7 @@ def test_json_plan(host: Host) -> None:
         8001,
         "none",
     )
-    assert [s["name"] for s in data["steps"]][:3] == ["lock", "re-inspect", "pull-weights"]
+    assert [s["name"] for s in data["steps"]][:3] == ["lock", "re-inspect", "install-venv"]
     assert data["facts"]["flux_state"] == "active"
 
 

@@ -22,8 +22,8 @@ SETTINGS = Settings()
 STEP_NAMES = [
     "lock",
     "re-inspect",
-    "pull-weights",
     "install-venv",
+    "pull-weights",
     "render-unit",
     "start",
     "wait-healthy",
