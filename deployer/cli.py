@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING, NoReturn
 
 import click
@@ -42,6 +43,27 @@ def _fail(message: str, code: int) -> NoReturn:
     from .plan_view import redact
 
     click.echo(click.style("error: ", fg="red", bold=True) + redact(message), err=True)
+    sys.exit(code)
+
+
+def run_guarded(work: Callable[[], int | None], *, debug: bool) -> NoReturn:
+    """The one error boundary of every command: run ``work``, exit with its code; a
+    ``DeployError`` is one red line and its exit code, anything else one line and exit 1;
+    tracebacks only with ``debug``."""
+    try:
+        code = work() or 0
+    except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+        raise
+    except DeployError as exc:
+        if debug:
+            raise
+        _fail(_one_line(exc), exc.exit_code)
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)
+    except Exception as exc:
+        if debug:
+            raise
+        _fail(f"unexpected {type(exc).__name__}: {exc} (rerun with --debug for details)", 1)
     sys.exit(code)
 
 
@@ -156,8 +178,8 @@ def main(
 ) -> None:
     """Plan (and, without --dry-run, apply) putting model NAME on the GPU host."""
     debug = _debug_wanted(debug)
-    try:
-        code = _run(
+    run_guarded(
+        lambda: _run(
             name,
             dry_run,
             as_json,
@@ -167,20 +189,9 @@ def main(
             trust_new_host_key,
             lock_wait=lock_wait,
             force_unlock=force_unlock,
-        )
-    except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
-        raise
-    except DeployError as exc:
-        if debug:
-            raise
-        _fail(_one_line(exc), exc.exit_code)
-    except KeyboardInterrupt:
-        _fail("interrupted", 130)
-    except Exception as exc:
-        if debug:
-            raise
-        _fail(f"unexpected {type(exc).__name__}: {exc} (rerun with --debug for details)", 1)
-    sys.exit(code)
+        ),
+        debug=debug,
+    )
 
 
 def _run(

@@ -14,14 +14,12 @@ Same config, exit codes and error rules as ``deploy-model``.
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import click
 
-from .cli import DEBUG_ENV, _debug_wanted, _fail, _one_line
-from .errors import DeployError
+from .cli import DEBUG_ENV, _debug_wanted, run_guarded
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -45,24 +43,6 @@ class _Ctx:
         return open_host(settings, trust_new_host_key=self.trust)
 
 
-def _guard(ctx: _Ctx, work: Callable[[], int | None]) -> None:
-    try:
-        code = work() or 0
-    except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
-        raise
-    except DeployError as exc:
-        if ctx.debug:
-            raise
-        _fail(_one_line(exc), exc.exit_code)
-    except KeyboardInterrupt:
-        _fail("interrupted", 130)
-    except Exception as exc:
-        if ctx.debug:
-            raise
-        _fail(f"unexpected {type(exc).__name__}: {exc} (rerun with --debug for details)", 1)
-    sys.exit(code)
-
-
 def _with_host(ctx: _Ctx, action: Callable[[Settings, SSHHost], int | None]) -> None:
     def work() -> int | None:
         settings = ctx.settings()
@@ -72,7 +52,7 @@ def _with_host(ctx: _Ctx, action: Callable[[Settings, SSHHost], int | None]) -> 
         finally:
             host.close()
 
-    _guard(ctx, work)
+    run_guarded(work, debug=ctx.debug)
 
 
 def _console(stderr: bool = False) -> Any:

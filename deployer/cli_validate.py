@@ -14,13 +14,11 @@ itself are one line on stderr (a traceback only with ``--debug`` or ``MODEL_DEPL
 from __future__ import annotations
 
 import json
-import sys
 from typing import TYPE_CHECKING
 
 import click
 
-from .cli import DEBUG_ENV, _debug_wanted, _fail, _one_line
-from .errors import DeployError
+from .cli import DEBUG_ENV, _debug_wanted, run_guarded
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -164,19 +162,7 @@ def main(
     options = _options(
         config_path, only, models, strict, min_disk_gb, min_ram_gb, trust_new_host_key, debug
     )
-    try:
-        code = _run(options, as_json)
-    except DeployError as exc:
-        if debug:
-            raise
-        _fail(_one_line(exc), exc.exit_code)
-    except KeyboardInterrupt:
-        _fail("interrupted", 130)
-    except Exception as exc:
-        if debug:
-            raise
-        _fail(f"unexpected {type(exc).__name__}: {exc} (rerun with --debug for details)", 1)
-    sys.exit(code)
+    run_guarded(lambda: _run(options, as_json), debug=debug)
 
 
 def _run(options: Options, as_json: bool) -> int:

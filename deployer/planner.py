@@ -807,8 +807,8 @@ def _steps(
         ),
         PlanStep(
             name="pull-weights",
-            description=f"download (on the host) {service.weights_uri} ({size_text(need.disk_bytes)}) "
-            f"to {service.weights_dir}",
+            description=f"the host downloads {service.weights_uri} "
+            f"({size_text(need.disk_bytes)}) to {service.weights_dir}",
         ),
         PlanStep(
             name="render-unit",

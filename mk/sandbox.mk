@@ -8,8 +8,9 @@ SANDBOX_UP_ARGS ?=
 sandbox-rootfs:  ## build (once) and cache the sandbox host's root filesystem
 	$(SANDBOX_SCRIPTS)/build-rootfs
 
-sandbox: install  ## boot the sandbox host and S3 endpoint (no-op when up); SANDBOX_UP_ARGS=--fresh
+sandbox: install  ## boot the sandbox host and S3 endpoint (no-op when up), demo model uploaded
 	$(SANDBOX_SCRIPTS)/up $(SANDBOX_UP_ARGS)
+	$(SANDBOX_SCRIPTS)/seed-demo-model
 
 sandbox-down:  ## stop the sandbox and remove what it left on this machine
 	$(SANDBOX_SCRIPTS)/down

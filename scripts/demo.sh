@@ -12,11 +12,7 @@ scripts/sandbox/up
 source .sandbox/env
 
 say "demo model (tiny Qwen2-shaped LM, random weights) -> s3://asoba-llm-cache/models/demo-tiny/"
-model_dir=.sandbox/demo-model
-if [[ ! -f "$model_dir/model.safetensors.index.json" ]]; then
-    "$PY" scripts/make_demo_model.py --out "$model_dir"
-fi
-"$PY" scripts/upload_model.py "$model_dir" s3://asoba-llm-cache/models/demo-tiny/
+scripts/sandbox/seed-demo-model
 
 say "plan: deploy-model demo-tiny --dry-run"
 .venv/bin/deploy-model demo-tiny --dry-run
