@@ -5,11 +5,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: help install test test-fast lint demo
+.PHONY: help install test test-fast chaos lint demo
 help:
 	@echo "make demo          sandbox up, demo model uploaded and deployed, one completion shown"
 	@echo "make test          all tests (boots the sandbox host when it is not up)"
 	@echo "make test-fast     unit and server tests only (no sandbox)"
+	@echo "make chaos         the long fault/load matrix (docs/reliability.md)"
 	@echo "make sandbox       boot the sandbox host and S3 endpoint; make sandbox-down stops them"
 	@echo "make lint          ruff"
 
@@ -23,7 +24,10 @@ lint: install
 	$(VENV)/bin/ruff check .
 
 test: install lint
-	$(PY) -m pytest
+	$(PY) -m pytest -m "not chaos"
+
+chaos: install
+	$(PY) -m pytest -m chaos
 
 test-fast: install
 	$(PY) -m pytest -m "not sandbox and not chaos"

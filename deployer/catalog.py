@@ -16,10 +16,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import CatalogError
-from .validation import describe, did_you_mean
+from .validation import describe, did_you_mean, printable
 
 MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 S3_PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,255}/$")
+SCRIPT_RE = re.compile(r"^[A-Za-z0-9._][A-Za-z0-9._/-]{0,254}$")
 BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 DEFAULT_CATALOG = Path(__file__).resolve().parent.parent / "catalog.yaml"
 
@@ -66,6 +67,8 @@ class Bootstrap(BaseModel):
         path = Path(value)
         if path.is_absolute() or ".." in path.parts:
             raise ValueError("must be a path inside the repository")
+        if not SCRIPT_RE.fullmatch(value):
+            raise ValueError("must be a relative path of letters, digits, '.', '_', '-' and '/'")
         return value
 
 
@@ -175,14 +178,15 @@ def parse_catalog(data: object, *, source: str = "catalog.yaml") -> Catalog:
     entries: dict[str, object] = {}
     for name, entry in models.items():
         name = str(name)
+        shown = printable(name)  # the key is not checked yet: keep the message one line
         if not isinstance(entry, dict):
-            raise CatalogError(f"{source}: models.{name}: expected a mapping of fields")
+            raise CatalogError(f"{source}: models.{shown}: expected a mapping of fields")
         if "name" in entry and entry["name"] != name:
-            raise CatalogError(f"{source}: models.{name}.name: differs from the entry's key")
+            raise CatalogError(f"{source}: models.{shown}.name: differs from the entry's key")
         try:
             check_model_name(name)
         except CatalogError as exc:
-            raise CatalogError(f"{source}: models.{name}: {exc.message}") from None
+            raise CatalogError(f"{source}: models.{shown}: {exc.message}") from None
         entries[name] = {**entry, "name": name}
     try:
         return Catalog.model_validate({**data, "models": entries, "source": source})
@@ -192,21 +196,45 @@ def parse_catalog(data: object, *, source: str = "catalog.yaml") -> Catalog:
 
 def load_catalog(path: Path | str | None = None) -> Catalog:
     path = Path(path) if path else DEFAULT_CATALOG
+    source = printable(path.name)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise CatalogError(f"cannot read catalog {path}: {exc.strerror}") from None
+        raise CatalogError(f"cannot read catalog {printable(str(path))}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise CatalogError(f"{source}: not UTF-8 text (byte {exc.start})") from None
+    except ValueError:  # a NUL in the path
+        raise CatalogError(
+            f"cannot read catalog {printable(str(path))}: not a usable path"
+        ) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        raise CatalogError(f"{path.name}{where}: not valid YAML") from None
-    catalog = parse_catalog(data, source=path.name)
+        raise CatalogError(f"{source}{where}: not valid YAML") from None
+    except RecursionError:
+        raise CatalogError(f"{source}: not valid YAML: nested too deeply") from None
+    except Exception as exc:
+        # PyYAML's constructors let plain Python errors out for well-formed but impossible
+        # scalars: ValueError for a date like 2024-13-45, `!!int abc` or an integer of more
+        # than 4300 digits; AttributeError, KeyError, IndexError for `!!timestamp x`,
+        # `!!bool x`, a bare `!!int`. Each means a value that cannot be read.
+        reason = str(exc).partition(";")[0] if isinstance(exc, ValueError) else ""
+        detail = f" ({printable(reason)})" if reason else ""
+        raise CatalogError(f"{source}: not valid YAML: a value cannot be read{detail}") from None
+    catalog = parse_catalog(data, source=source)
     root = path.resolve().parent
     for name, spec in catalog.models.items():
-        if spec.bootstrap and not (root / spec.bootstrap.script).is_file():
+        if spec.bootstrap and not _is_file(root / spec.bootstrap.script):
             raise CatalogError(
-                f"{path.name}: models.{name}.bootstrap.script: no file {spec.bootstrap.script}"
+                f"{source}: models.{name}.bootstrap.script: no file {spec.bootstrap.script}"
             )
     return catalog
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # e.g. a name too long for the file system
+        return False

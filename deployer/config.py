@@ -19,7 +19,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import ConfigError
-from .validation import describe, did_you_mean
+from .validation import describe, did_you_mean, printable
 
 ENV_CONFIG = "MODEL_DEPLOYER_CONFIG"
 ENV_CATALOG = "MODEL_DEPLOYER_CATALOG"
@@ -30,10 +30,13 @@ USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
 MEMORY_RE = re.compile(r"^(\d+)([KMGT]?)$|^infinity$")
 CPU_QUOTA_RE = re.compile(r"^\d{1,5}%$")
 URL_RE = re.compile(r"https?://[A-Za-z0-9.:\[\]-]+(/[\w./-]*)?")
+MAX_GB = 1_000_000.0  # a bound on every size/margin in GB (1 PB), so GB * 10**9 stays finite
+MAX_RATE_MBPS = 1_000_000.0  # 1 Tbit/s
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No inf/nan: the planner and the pull turn these figures into byte counts with int().
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def _abs_posix(value: str) -> str:
@@ -71,8 +74,11 @@ class S3Config(_Section):
     region: str = "us-west-2"
     endpoint_url: str | None = None  # an S3-compatible endpoint; AWS when unset
     pull_concurrency: Annotated[int, Field(ge=1, le=256)] = 16  # parallel ranged GETs on the host
-    pull_max_rate_mbps: Annotated[float, Field(ge=0)] = 0.0  # cap the host's pull; 0: no cap
+    pull_max_rate_mbps: Annotated[float, Field(ge=0, le=MAX_RATE_MBPS)] = 0.0  # 0: no cap
     pull_part_mb: Annotated[int, Field(ge=5, le=4096)] = 64  # ranged-GET size; resume unit
+    # A read that stalls this long fails and is retried; when retries run out the pull stops
+    # (staging kept) instead of hanging on a dead or wedged endpoint.
+    pull_read_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 60.0
 
     @field_validator("endpoint_url")
     @classmethod
@@ -143,11 +149,11 @@ class ServiceConfig(_Section):
 
 
 class PolicyConfig(_Section):
-    coexist_max_gb: Annotated[float, Field(ge=0)] = 3.0
-    quantize_above_gb: Annotated[float, Field(gt=0)] = 20.0
-    gpu_margin_gb: Annotated[float, Field(ge=0)] = 1.0
-    ram_margin_gb: Annotated[float, Field(ge=0)] = 2.0
-    disk_margin_gb: Annotated[float, Field(ge=0)] = 2.0
+    coexist_max_gb: Annotated[float, Field(ge=0, le=MAX_GB)] = 3.0
+    quantize_above_gb: Annotated[float, Field(gt=0, le=MAX_GB)] = 20.0
+    gpu_margin_gb: Annotated[float, Field(ge=0, le=MAX_GB)] = 1.0
+    ram_margin_gb: Annotated[float, Field(ge=0, le=MAX_GB)] = 2.0
+    disk_margin_gb: Annotated[float, Field(ge=0, le=MAX_GB)] = 2.0
     prefer_quality: bool = False  # 8-bit over 4-bit when both fit
     context_tokens: Annotated[int, Field(ge=128, le=1_048_576)] = 4096
     concurrent_seqs: Annotated[int, Field(ge=1, le=1024)] = 4
@@ -199,7 +205,7 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
         section, _, field = key[len(ENV_PREFIX) :].lower().partition("__")
         if section not in SECTIONS:
             hint = did_you_mean(section, SECTIONS)
-            raise ConfigError(f"{key}: unknown section {section!r}{hint}")
+            raise ConfigError(f"{printable(key)}: unknown section {section!r}{hint}")
         out.setdefault(section, {})[field] = value
     return out
 
@@ -214,14 +220,25 @@ def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def _resolve_paths(data: dict[str, Any], base: Path) -> None:
+def _resolve_paths(data: dict[str, Any], base: Path, source: str) -> None:
     host = data.get("host")
     if isinstance(host, dict):
         for key in ("key_file", "known_hosts"):
             if isinstance(host.get(key), str):
-                host[key] = str((base / Path(host[key]).expanduser()).resolve())
+                host[key] = _resolve(host[key], base, f"{source}: host.{key}")
     if isinstance(data.get("catalog"), str):
-        data["catalog"] = str((base / Path(data["catalog"]).expanduser()).resolve())
+        data["catalog"] = _resolve(data["catalog"], base, f"{source}: catalog")
+
+
+def _resolve(value: str, base: Path, where: str) -> str:
+    try:
+        return str((base / Path(value).expanduser()).resolve())
+    except ValueError:  # a NUL byte
+        raise ConfigError(f"{where}: not a usable path {value!r}") from None
+    except RuntimeError as exc:  # ~user with no such user, or no home directory
+        raise ConfigError(f"{where}: {printable(str(exc))} ({value!r})") from None
+    except OSError as exc:
+        raise ConfigError(f"{where}: {exc.strerror} ({value!r})") from None
 
 
 def config_path(explicit: str | Path | None, environ: Mapping[str, str]) -> Path | None:
@@ -244,18 +261,29 @@ def load_settings(
     data: dict[str, Any] = {}
     source = "defaults"
     if file is not None:
+        shown = printable(str(file))
         try:
-            data = tomllib.loads(file.read_text(encoding="utf-8"))
+            text = file.read_text(encoding="utf-8")
         except OSError as exc:
-            raise ConfigError(f"cannot read config {file}: {exc.strerror}") from None
+            raise ConfigError(f"cannot read config {shown}: {exc.strerror}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{shown}: not UTF-8 text (byte {exc.start})") from None
+        except ValueError:  # a NUL in the path
+            raise ConfigError(f"cannot read config {shown}: not a usable path") from None
+        try:
+            data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{file}: not valid TOML: {exc}") from None
-        _resolve_paths(data, file.resolve().parent)
+            raise ConfigError(f"{shown}: not valid TOML: {printable(str(exc))}") from None
+        except ValueError:  # an integer of more than 4300 digits
+            raise ConfigError(f"{shown}: not valid TOML: a number is too long") from None
+        except RecursionError:
+            raise ConfigError(f"{shown}: not valid TOML: nested too deeply") from None
+        _resolve_paths(data, file.resolve().parent, printable(file.name))
         source = str(file)
     data = _merge(data, _env_overrides(environ))
     if overrides:
         data = _merge(data, {k: dict(v) for k, v in overrides.items() if v})
-    _resolve_paths(data, Path.cwd())
+    _resolve_paths(data, Path.cwd(), "environment")
     try:
         return Settings.model_validate({**data, "source": source})
     except ValidationError as exc:

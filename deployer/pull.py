@@ -66,6 +66,7 @@ class PullRequest:
     max_rate: int | None = None
     retries: int = 4
     progress_interval: float = 0.5
+    read_timeout: float = 60.0
     verify_only: bool = False
 
     def args(self) -> list[str]:
@@ -79,6 +80,7 @@ class PullRequest:
             "--disk-margin-bytes", str(self.disk_margin_bytes),
             "--retries", str(self.retries),
             "--progress-interval", str(self.progress_interval),
+            "--read-timeout", str(self.read_timeout),
         ]  # fmt: skip
         if self.revision:
             argv += ["--revision", self.revision]
@@ -111,6 +113,7 @@ def pull_request(
         endpoint_url=settings.s3.endpoint_url,
         region=settings.s3.region,
         disk_margin_bytes=int(settings.policy.disk_margin_gb * GIB),
+        read_timeout=settings.s3.pull_read_timeout_s,
         **kw,
     )
 

@@ -8,6 +8,19 @@ from collections.abc import Iterable
 from pydantic import ValidationError
 
 
+def printable(text: str) -> str:
+    """``text`` with every non-printable character (newline, NUL, ESC, U+2028...) written as
+    its escape, so a message built from operator input stays one line and cannot drive the
+    terminal."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else _escape(c) for c in text)
+
+
+def _escape(char: str) -> str:
+    return char.encode("unicode_escape").decode("ascii")
+
+
 def close_matches(word: str, candidates: Iterable[str], n: int = 3) -> list[str]:
     return difflib.get_close_matches(word, list(candidates), n=n, cutoff=0.5)
 
@@ -32,4 +45,4 @@ def describe(err: ValidationError, *, prefix: str = "", source: str = "") -> str
             msg = msg[len("Value error, ") :]
         where = f"{source}: " if source else ""
         parts.append(f"{where}{path}: {msg}" if path else f"{where}{msg}")
-    return "; ".join(parts)
+    return printable("; ".join(parts))

@@ -7,7 +7,7 @@ boto3/botocore, nothing else.
     python - --bucket B --prefix models/x/ --models-dir /opt/models --name x
              [--revision R] [--concurrency 16] [--part-size 64M] [--disk-margin-bytes 2G]
              [--max-rate BYTES_PER_S] [--endpoint-url URL] [--region R] [--retries 4]
-             [--progress-interval 0.5] [--verify-only]
+             [--progress-interval 0.5] [--read-timeout 60] [--verify-only]
 
 Credentials: boto3's standard chain (instance profile, environment, profile). The endpoint is
 ``--endpoint-url`` or whatever boto3 reads itself (``AWS_ENDPOINT_URL``, profile config).
@@ -227,8 +227,8 @@ def make_client(args: argparse.Namespace) -> Any:
     boto3, bconfig, _ = _boto()
     config = bconfig.Config(
         retries={"max_attempts": 3, "mode": "standard"},
-        connect_timeout=10,
-        read_timeout=60,
+        connect_timeout=min(10.0, args.read_timeout),
+        read_timeout=args.read_timeout,
         max_pool_connections=args.concurrency + 4,
     )
     kwargs: dict[str, Any] = {"config": config}
@@ -495,6 +495,49 @@ def verify_file(
         # S3 told us the part size and the layout is uniform: a mismatch is bad data.
         raise PullError("corrupt", f"{where}: multipart ETag mismatch (part size {meta.part_size})")
     return record  # unknown part layout: sha256 recorded, reported as unverified
+
+
+SAFETENSORS_MAX_HEADER = 100 * 1024 * 1024  # the format's own limit
+
+
+def check_safetensors(path: str, rel: str) -> None:
+    """A safetensors file must be whole: its header parses and its tensors exactly fill the
+    data that follows it (the format allows no holes). S3 may hold a truncated or damaged
+    object with a matching ETag; this catches it before the model lands, not at load."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        raw_len = f.read(8)
+        if len(raw_len) < 8:
+            raise PullError("corrupt", f"{rel}: {size} bytes, too short for a safetensors file")
+        header_len = int.from_bytes(raw_len, "little")
+        if header_len > min(SAFETENSORS_MAX_HEADER, size - 8):
+            raise PullError("corrupt", f"{rel}: safetensors header length {header_len} is bogus")
+        try:
+            header = json.loads(f.read(header_len))
+        except ValueError:
+            raise PullError("corrupt", f"{rel}: safetensors header is not JSON") from None
+    if not isinstance(header, dict):
+        raise PullError("corrupt", f"{rel}: safetensors header is not a JSON object")
+    data_len = size - 8 - header_len
+    end = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(isinstance(o, int) for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1] <= data_len
+        ):
+            raise PullError(
+                "corrupt", f"{rel}: tensor {name!r} lies outside the file ({data_len} data bytes)"
+            )
+        end = max(end, offsets[1])
+    if end != data_len:
+        raise PullError(
+            "corrupt", f"{rel}: tensors cover {end} of {data_len} data bytes (truncated or padded)"
+        )
 
 
 # ------------------------------------------------------------------------------- journals
@@ -1071,6 +1114,8 @@ class Puller:
         if st.meta is None:  # pragma: no cover - HEAD always precedes
             raise PullError("internal", "verify before head")
         record = verify_file(st.dest, st.obj, st.meta, self.stop)
+        if st.obj.rel.endswith(".safetensors"):
+            check_safetensors(st.dest, st.obj.rel)
         with st.lock:
             st.journal.verified = record
             st.journal.save()
@@ -1177,6 +1222,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-rate", type=parse_size, default=None, help="bytes per second")
     p.add_argument("--retries", type=int, default=4, help="attempts per chunk")
     p.add_argument("--progress-interval", type=float, default=0.5)
+    p.add_argument(
+        "--read-timeout", type=float, default=60.0, help="seconds a stalled S3 read may wait"
+    )
     p.add_argument("--endpoint-url")
     p.add_argument("--region")
     p.add_argument("--verify-only", action="store_true")

@@ -7,118 +7,28 @@ import json
 import os
 import re
 import subprocess
-import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 
+from tests.integration.deploy_support import (
+    BIN,
+    FLUX,
+    UNIT,
+    deploy,
+    extra_catalog,
+    last_json,
+    ops,
+    status,
+    upload,
+    upload_padded,
+)
 from tests.sandbox import SandboxHost, wait_until
 
 pytestmark = pytest.mark.sandbox
-
-ROOT = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
-UNIT = "asoba-inference.service"
-FLUX = "flux-api.service"
-
-
-def run(
-    sandbox: SandboxHost,
-    tool: str,
-    *args: str,
-    env: dict[str, str] | None = None,
-    timeout: float = 900,
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(BIN / tool), *args],
-        env={**os.environ, **sandbox.env, **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-
-
-def deploy(sandbox: SandboxHost, *args: str, **kw: object) -> subprocess.CompletedProcess[str]:
-    return run(sandbox, "deploy-model", *args, **kw)  # type: ignore[arg-type]
-
-
-def ops(sandbox: SandboxHost, *args: str, **kw: object) -> subprocess.CompletedProcess[str]:
-    return run(sandbox, "model-deployer", *args, **kw)  # type: ignore[arg-type]
-
-
-def last_json(text: str) -> dict:
-    return json.loads(text[text.index("{") :])
-
-
-@pytest.fixture(scope="module")
-def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("demo") / "demo-tiny"
-    subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "make_demo_model.py"), "--out", str(out)],
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
-    return out
-
-
-def upload(sandbox: SandboxHost, directory: Path, prefix: str) -> None:
-    s3 = sandbox.s3_client()
-    for path in sorted(directory.iterdir()):
-        if path.is_file():
-            s3.upload_file(str(path), sandbox.bucket, prefix + path.name)
-
-
-KEPT_VENVS = "/var/tmp/model-deployer-test-venvs"
-
-
-def reset_keeping_venvs(sandbox: SandboxHost) -> None:
-    """Back to the boot state, except that service venvs built by earlier tests survive:
-    building one takes half a minute and the first test of the module already covers it."""
-    sandbox.sudo(f"rm -rf {KEPT_VENVS}; mv /opt/asoba-inference/venvs {KEPT_VENVS} || true")
-    sandbox.reset()
-    sandbox.sudo(
-        f"if [ -d {KEPT_VENVS} ]; then install -d -m 0755 /opt/asoba-inference && "
-        f"mv {KEPT_VENVS} /opt/asoba-inference/venvs; fi"
-    )
-
-
-@pytest.fixture
-def host(sandbox: SandboxHost, demo_dir: Path) -> Iterator[SandboxHost]:
-    """A pristine host (but for cached venvs) with the demo model in S3."""
-    reset_keeping_venvs(sandbox)
-    upload(sandbox, demo_dir, "models/demo-tiny/")
-    yield sandbox
-    sandbox.reset()
-
-
-def extra_catalog(tmp_path: Path, **entries: dict) -> Path:
-    """The repository's catalog plus test entries."""
-    data = yaml.safe_load((ROOT / "catalog.yaml").read_text())
-    for entry in data["models"].values():
-        entry.pop("bootstrap", None)  # their scripts live beside the repository's catalog
-    base = {
-        "tier": "raw",
-        "precision": "fp32",
-        "parameters_b": 0.001,
-        "size_gb": 0.004,
-        "context_length": 2048,
-    }
-    for name, entry in entries.items():
-        data["models"][name] = {**base, "s3_prefix": f"models/{name}/", **entry}
-    path = tmp_path / "catalog.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
-
-
-def status(sandbox: SandboxHost, port: int) -> dict:
-    return httpx.get(sandbox.url(port, "/status"), timeout=10).json()
 
 
 def test_deploy_beside_flux_then_rerun_is_a_noop(host: SandboxHost) -> None:
@@ -204,8 +114,9 @@ def test_unhealthy_service_rolls_back_to_the_previous_one(
     broken.mkdir()
     for path in demo_dir.iterdir():
         data = path.read_bytes()
-        if path.suffix == ".safetensors":
-            data = b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage" + os.urandom(len(data) - 16)
+        if path.name == "config.json":  # whole, verified files that no loader accepts
+            config = {**json.loads(data), "model_type": "no-such-architecture"}
+            data = json.dumps({**config, "architectures": ["NoSuchForCausalLM"]}).encode()
         (broken / path.name).write_bytes(data)
     upload(host, broken, "models/broken-tiny/")
     catalog = extra_catalog(tmp_path, **{"broken-tiny": {}})
@@ -235,14 +146,9 @@ def test_unhealthy_service_rolls_back_to_the_previous_one(
 def test_ssh_cut_during_the_pull_resumes_on_the_next_run(
     host: SandboxHost, demo_dir: Path, tmp_path: Path
 ) -> None:
-    padded = tmp_path / "padded"
-    padded.mkdir()
-    for path in demo_dir.iterdir():
-        (padded / path.name).write_bytes(path.read_bytes())
-    (padded / "padding.bin").write_bytes(os.urandom(48 * 1024 * 1024))
-    upload(host, padded, "models/padded-tiny/")
+    catalog = upload_padded(host, demo_dir, tmp_path, 48)
     env = {
-        "MODEL_DEPLOYER_CATALOG": str(extra_catalog(tmp_path, **{"padded-tiny": {}})),
+        "MODEL_DEPLOYER_CATALOG": str(catalog),
         # 5 MB/s in 8 MiB ranges: about 10 s for the padding, a finished range every ~3 s.
         "MODEL_DEPLOYER_S3__PULL_MAX_RATE_MBPS": "40",
         "MODEL_DEPLOYER_S3__PULL_CONCURRENCY": "2",

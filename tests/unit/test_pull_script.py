@@ -148,6 +148,48 @@ def test_verify_file_detects_corruption(
     assert info.value.code == "corrupt"
 
 
+def _safetensors(tensors: dict[str, int], *, pad: bytes = b" ") -> bytes:
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, nbytes in tensors.items():
+        header[name] = {"dtype": "U8", "shape": [nbytes], "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header).encode() + pad
+    return len(raw).to_bytes(8, "little") + raw + b"\x01" * offset
+
+
+def test_whole_safetensors_pass(pm: ModuleType, tmp_path: Path) -> None:
+    path = tmp_path / "a.safetensors"
+    path.write_bytes(_safetensors({"w": 64, "b": 8}))
+    pm.check_safetensors(str(path), "a.safetensors")
+    safetensors = pytest.importorskip("safetensors.numpy")
+    numpy = pytest.importorskip("numpy")
+    safetensors.save_file({"x": numpy.arange(12, dtype="float32")}, str(path))
+    pm.check_safetensors(str(path), "a.safetensors")
+
+
+@pytest.mark.parametrize(
+    ("damage", "says"),
+    [
+        (lambda b: b[:-1], "tensor 'b' lies outside"),  # truncated by one byte
+        (lambda b: b + b"\0", "cover 72 of 73"),  # trailing bytes
+        (lambda b: b[:5], "too short"),
+        (lambda b: (10**12).to_bytes(8, "little") + b[8:], "header length"),
+        (lambda b: b[:8] + b"x" + b[9:], "not JSON"),
+        (lambda b: b[:20] + b"\x00" * 40 + b[60:], "not JSON"),
+    ],
+)
+def test_damaged_safetensors_are_corrupt(
+    pm: ModuleType, tmp_path: Path, damage: Any, says: str
+) -> None:
+    path = tmp_path / "a.safetensors"
+    path.write_bytes(damage(_safetensors({"w": 64, "b": 8})))
+    with pytest.raises(pm.PullError) as info:
+        pm.check_safetensors(str(path), "a.safetensors")
+    assert info.value.code == "corrupt"
+    assert says in str(info.value)
+
+
 def test_safe_relpath(pm: ModuleType) -> None:
     assert pm.safe_relpath("m/x/", "m/x/a/b.json") == "a/b.json"
     assert pm.safe_relpath("m/x/", "m/x/") is None  # folder markers
@@ -263,7 +305,10 @@ def catalog_spec() -> Any:
 
 def test_pull_argv_from_settings() -> None:
     settings = Settings.model_validate(
-        {"s3": {"endpoint_url": "http://10.77.0.1:9000"}, "policy": {"disk_margin_gb": 1.5}}
+        {
+            "s3": {"endpoint_url": "http://10.77.0.1:9000", "pull_read_timeout_s": 7.5},
+            "policy": {"disk_margin_gb": 1.5},
+        }
     )
     request = pull.pull_request(settings, catalog_spec(), bucket="asoba-llm-cache")
     argv = pull.pull_argv(pull.venv_python(settings), request)
@@ -278,6 +323,7 @@ def test_pull_argv_from_settings() -> None:
         "--disk-margin-bytes", str(int(1.5 * (1 << 30))),
         "--retries", "4",
         "--progress-interval", "0.5",
+        "--read-timeout", "7.5",
         "--revision", "2025-05-01",
         "--endpoint-url", "http://10.77.0.1:9000",
         "--region", "us-west-2",
@@ -290,6 +336,7 @@ def test_pull_argv_from_settings() -> None:
     spec.loader.exec_module(module)
     args = module.build_parser().parse_args(argv[2:])
     assert args.part_size == 64 * MIB and args.revision == "2025-05-01"
+    assert args.read_timeout == 7.5
 
 
 def test_parse_events() -> None:
