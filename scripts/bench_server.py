@@ -19,14 +19,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import json
 import os
 import platform
 import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,6 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import free_port, load_demo_builder, percentile, start_server
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = (
@@ -47,14 +47,6 @@ class StreamResult:
     tokens: int
     seconds: float
     ttft: float
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    k = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
-    return ordered[k]
 
 
 # --- baseline: model.generate() in this process ----------------------------------------------
@@ -91,44 +83,6 @@ class Baseline:
 
 
 # --- the server --------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_server(model_dir: Path, port: int, max_num_seqs: int) -> subprocess.Popen[bytes]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ASOBA_")}
-    env.update(
-        ASOBA_MODEL_DIR=str(model_dir),
-        ASOBA_MODEL_NAME="bench",
-        ASOBA_HOST="127.0.0.1",
-        ASOBA_PORT=str(port),
-        ASOBA_MAX_NUM_SEQS=str(max_num_seqs),
-        ASOBA_LOG_LEVEL="warning",
-        HF_HUB_OFFLINE="1",
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "remote_service"],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("server did not become ready")
 
 
 async def one_stream(client: httpx.AsyncClient, tokens: int) -> StreamResult:
@@ -204,15 +158,6 @@ async def health_under_load(base: str, streams: int, tokens: int) -> list[float]
     return out
 
 
-def load_demo_builder() -> object:
-    path = REPO / "scripts" / "make_demo_model.py"
-    spec = importlib.util.spec_from_file_location("make_demo_model", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", type=Path, help="checkpoint (default: build demo-tiny)")
@@ -234,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     print("starting the server ...", file=sys.stderr)
-    proc = start_server(model_dir, port, max_num_seqs=16)
+    proc = start_server(model_dir, port, {"ASOBA_MAX_NUM_SEQS": "16"})
     try:
         baseline = Baseline(model_dir, args.tokens)
         asyncio.run(concurrent(base, 1, 16))  # warm the connection path

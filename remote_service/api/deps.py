@@ -1,4 +1,10 @@
-"""Shared route dependencies: the per-app objects and the API key guard."""
+"""Shared route dependencies: the per-app objects and the API key guard.
+
+All ``async def``: none of them blocks, and FastAPI runs a plain ``def`` dependency in its
+thread pool, a hand-off per dependency per request that, under a flood of requests, holds the
+GIL the generation thread needs (it showed as ~8% of GIL time in scripts/bench_load.py with
+64 clients overflowing the queue).
+"""
 
 from __future__ import annotations
 
@@ -15,17 +21,17 @@ _bearer = HTTPBearer(auto_error=False, description="ASOBA_API_KEY, as OpenAI cli
 _header = APIKeyHeader(name="X-API-Key", auto_error=False, description="ASOBA_API_KEY")
 
 
-def get_serving(request: Request) -> Serving:
+async def get_serving(request: Request) -> Serving:
     serving: Serving = request.app.state.serving
     return serving
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
-def require_api_key(
+async def require_api_key(
     settings: Settings = Depends(get_settings),  # noqa: B008 - FastAPI's idiom
     bearer: HTTPAuthorizationCredentials | None = Security(_bearer),  # noqa: B008
     header_key: str | None = Security(_header),

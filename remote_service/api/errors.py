@@ -1,8 +1,8 @@
 """OpenAI-shaped error answers for everything that can go wrong in a request.
 
 Bad input is a 4xx (never a 500): validation and malformed JSON are 400, a wrong API key 401,
-an unknown model or route 404, a full queue 429 with ``Retry-After``, a model that is not
-ready 503. Only a genuine server fault is a 500, and its body says no more than that.
+an unknown model or route 404, a full queue 429 and a model that is not ready 503, both with
+``Retry-After``. Only a genuine server fault is a 500, and its body says no more than that.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from remote_service.engine.base import EngineError, QueueFullError
+from remote_service.engine.base import EngineError
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def error_response(exc: APIError) -> JSONResponse:
 
 def from_engine_error(exc: EngineError) -> APIError:
     headers = None
-    if isinstance(exc, QueueFullError):
+    if exc.retry_after_s is not None:  # a full queue (429), a model not ready (503)
         headers = {"Retry-After": str(exc.retry_after_s)}
     message = str(exc) if exc.status < 500 or exc.status == 503 else "the model failed"
     return APIError(exc.status, message, type=exc.type, headers=headers)

@@ -18,15 +18,20 @@ from typing import Any, Protocol
 
 
 class EngineError(Exception):
-    """Base class; ``status`` and ``type`` shape the OpenAI-style error answer."""
+    """Base class; ``status`` and ``type`` shape the OpenAI-style error answer, and a
+    ``retry_after_s`` that is not None becomes its ``Retry-After`` header."""
 
     status: int = 500
     type: str = "server_error"
+    retry_after_s: int | None = None
 
 
 class EngineNotReadyError(EngineError):
+    """Loading, draining for a restart, or failed (systemd restarts it): worth a retry later."""
+
     status = 503
     type = "service_unavailable"
+    retry_after_s = 5
 
 
 class QueueFullError(EngineError):

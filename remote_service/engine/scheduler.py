@@ -3,7 +3,8 @@
 The event loop never runs the model. ``submit`` puts a request on a bounded wait queue (or raises
 at once when it is full) and returns a :class:`DeltaStream`. The worker thread loops:
 
-1. drop sequences whose client went away (their slot frees at once);
+1. drop sequences whose client went away, running or still waiting (their slot or queue place
+   frees at once);
 2. admit waiting requests into free slots (up to ``max_num_seqs``) and prefill them together;
 3. run one decode step for every running sequence as one batch;
 4. turn each new token into text (stop sequences, EOS, length) and hand it to the event loop
@@ -184,7 +185,7 @@ class BatchScheduler:
         recent = [n for t, n in list(self._recent) if now - t <= _RATE_WINDOW_S]
         return EngineStats(
             running=len(self._running),
-            waiting=len(self._waiting),
+            waiting=_live(list(self._waiting)),
             requests_finished=self._finished,
             tokens_generated=self._tokens,
             tokens_per_s=round(sum(recent) / _RATE_WINDOW_S, 2),
@@ -207,9 +208,12 @@ class BatchScheduler:
                     self.fatal_error or "the engine is not accepting requests"
                 )
             free = max(0, self._max_num_seqs - len(self._running))
-            if len(self._waiting) >= self._max_queue + free:
+            # A client that left while queued does not hold its place: the worker drops it at
+            # its next step, but until then it must not turn a live request away.
+            waiting = _live(self._waiting)
+            if waiting >= self._max_queue + free:
                 raise QueueFullError(
-                    f"server busy: {len(self._running)} running, {len(self._waiting)} waiting",
+                    f"server busy: {len(self._running)} running, {waiting} waiting",
                     retry_after_s=1,
                 )
             self._waiting.append(seq)
@@ -284,20 +288,29 @@ class BatchScheduler:
 
     def _admit(self) -> list[Sequence]:
         admitted: list[Sequence] = []
+        left: list[Sequence] = []  # clients that went away since _drop_cancelled looked
         budget = self._max_prefill_tokens
         with self._cond:
             while self._waiting and len(self._running) + len(admitted) < self._max_num_seqs:
                 seq = self._waiting[0]
                 if seq.cancelled:
-                    self._waiting.popleft()
+                    left.append(self._waiting.popleft())
                     continue
                 if admitted and seq.prompt_len > budget:
                     break
                 budget -= seq.prompt_len
                 admitted.append(self._waiting.popleft())
+        for seq in left:
+            self._finish(seq, "abort")
         return admitted
 
     def _drop_cancelled(self) -> None:
+        with self._cond:
+            left = [s for s in self._waiting if s.cancelled]
+            if left:
+                self._waiting = collections.deque(s for s in self._waiting if not s.cancelled)
+        for seq in left:  # never admitted: nothing to release in the runner
+            self._finish(seq, "abort")
         gone = [s for s in self._running if s.cancelled]
         if gone:
             self._finish_many(gone, "abort")
@@ -379,6 +392,11 @@ class BatchScheduler:
         self._running = []
         with contextlib.suppress(Exception):
             self._runner.reset()
+
+
+def _live(seqs: Iterable[Sequence]) -> int:
+    """How many of ``seqs`` still have a client."""
+    return sum(1 for s in seqs if not s.cancelled)
 
 
 def _put_all(items: list[tuple[asyncio.Queue[Delta], Delta]]) -> None:

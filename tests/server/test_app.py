@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import inspect
 import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from fastapi.dependencies.models import Dependant
+from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 
+from remote_service.api import routes_generate, routes_health, routes_openai
 from remote_service.app import create_app
 from remote_service.engine import EngineLoadError, GenerationRequest, QueueFullError
 from remote_service.engine.base import DeltaIterator
@@ -71,6 +75,7 @@ def test_health_is_503_loading_until_the_engine_is_ready() -> None:
         gen = c.post("/generate", json={"prompt": "hi"}, headers={"X-API-Key": KEY})
         assert gen.status_code == 503
         assert gen.json()["error"]["type"] == "service_unavailable"
+        assert int(gen.headers["Retry-After"]) >= 1  # clients back off instead of hammering
         engine.gate.set()
         wait_ready(c)
         body = c.get("/health").json()
@@ -186,3 +191,25 @@ def test_unknown_route_and_method_are_openai_errors(mock_client: TestClient) -> 
     r = mock_client.get("/generate")
     assert r.status_code == 405
     assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_no_route_dependency_needs_the_thread_pool() -> None:
+    """FastAPI runs a plain ``def`` dependency in its thread pool: a hand-off per request that,
+    under a flood of requests, holds the GIL the generation thread needs. Ours are async."""
+
+    def calls(dependant: Dependant) -> Iterator[Any]:
+        for dep in dependant.dependencies:
+            yield dep.call
+            yield from calls(dep)
+
+    seen, sync = set(), set()
+    for router in (routes_generate.router, routes_openai.router, routes_health.router):
+        for route in router.routes:
+            assert isinstance(route, APIRoute)
+            for call in calls(route.dependant):
+                fn = call if inspect.isfunction(call) else type(call).__call__
+                seen.add(getattr(call, "__name__", type(call).__name__))
+                if not inspect.iscoroutinefunction(fn):
+                    sync.add(f"{route.path}: {getattr(call, '__name__', call)}")
+    assert {"require_api_key", "get_serving", "get_settings", "HTTPBearer"} <= seen
+    assert sync == set()

@@ -119,9 +119,36 @@ def test_full_queue_answers_429_with_retry_after(start_server: StartServer) -> N
     )
     payload = {"prompt": "a b c", "max_tokens": 5000, "stream": True}
     with server.client() as c, c.stream("POST", "/v1/completions", json=payload) as r:
-        next(r.iter_bytes())
+        chunks = r.iter_bytes()  # kept: a dropped iterator would close the stream
+        next(chunks)
         busy = c.post("/v1/completions", json={"prompt": "x"})
         assert busy.status_code == 429
         assert int(busy.headers["Retry-After"]) >= 1
         assert busy.json()["error"]["type"] == "rate_limit_exceeded"
         assert c.get("/health").status_code == 200
+
+
+def test_a_client_that_gives_up_while_queued_frees_its_place(start_server: StartServer) -> None:
+    server = start_server(
+        {
+            "ASOBA_BACKEND": "mock",
+            "ASOBA_MOCK_TOKEN_DELAY": "0.02",
+            "ASOBA_MAX_NUM_SEQS": "1",
+            "ASOBA_MAX_QUEUE": "1",
+            "ASOBA_MAX_NEW_TOKENS": "5000",
+        }
+    )
+    payload = {"prompt": "a b c", "max_tokens": 5000, "stream": True}
+    with server.client() as c, c.stream("POST", "/v1/completions", json=payload) as r:
+        chunks = r.iter_bytes()  # kept: a dropped iterator would close the stream
+        next(chunks)  # it holds the only slot for ~100 s
+        with contextlib.suppress(httpx.ReadTimeout):  # queued behind it, then the client leaves
+            c.post("/generate", json={"prompt": "x y", "max_tokens": 5}, timeout=0.5)
+        deadline = time.monotonic() + 10
+        while c.get("/status").json()["requests_waiting"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert c.get("/status").json()["requests_waiting"] == 0
+        # The queue place is free again although the slot is still busy: queued, not 429.
+        with c.stream("POST", "/v1/completions", json={**payload, "max_tokens": 5}) as queued:
+            assert queued.status_code == 200
+            assert c.get("/status").json()["requests_waiting"] == 1

@@ -182,6 +182,33 @@ def test_full_queue_is_refused_at_once() -> None:
         e.shutdown(1)
 
 
+def test_a_request_withdrawn_while_queued_frees_its_queue_place() -> None:
+    e = mock(max_num_seqs=1, max_queue=1, mock_token_delay=0.01)
+
+    async def go() -> None:
+        ids = e.encode("a b c")
+        running = await e.stream(GenerationRequest("run", ids, greedy(10_000)))
+        await running.__anext__()  # admitted: it holds the only slot
+        queued = await e.stream(GenerationRequest("wait", ids, greedy(5)))
+        assert e.stats().waiting == 1
+        queued.close()  # its client went away before it got a slot
+        assert e.stats().waiting == 0
+        # The place is free at once for a live request, not only when the slot frees.
+        nxt = await e.stream(GenerationRequest("next", ids, greedy(5)))
+        deadline = time.monotonic() + 5
+        while e.stats().requests_finished < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)  # the worker drops the withdrawn one (warm-up was 1st)
+        assert e.stats().requests_finished == 2
+        assert e.stats().waiting == 1
+        for d in (running, nxt):
+            d.close()
+
+    try:
+        asyncio.run(go())
+    finally:
+        e.shutdown(1)
+
+
 def test_a_chat_template_that_refuses_is_a_value_error(engine: TransformersEngine) -> None:
     template = "{{ raise_exception('Conversation roles must alternate user/assistant') }}"
     with pytest.raises(ValueError, match="roles must alternate"):
