@@ -14,6 +14,7 @@ directories. Then ``deploy-model demo-tiny`` is timed when it is already deploye
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -56,6 +57,16 @@ def upload(directory: Path, bucket: str) -> None:
     )
 
 
+def safetensors_header(size: int) -> tuple[bytes, int]:
+    """The header of a well-formed safetensors file of ``size`` bytes holding one U8 tensor
+    (the pull checks that a file's tensors exactly fill it), and that tensor's length."""
+    n = size
+    for _ in range(3):
+        meta = json.dumps({"w": {"dtype": "U8", "shape": [n], "data_offsets": [0, n]}}).encode()
+        n = size - 8 - len(meta)
+    return len(meta).to_bytes(8, "little") + meta, n
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--files", type=int, default=4)
@@ -70,8 +81,11 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.files):
             with open(Path(tmp) / f"model-{i + 1:05d}.safetensors", "wb") as fh:
-                for _ in range(args.file_mb):
-                    fh.write(os.urandom(1024 * 1024))
+                header, n = safetensors_header(args.file_mb * 1024 * 1024)
+                fh.write(header)
+                while n > 0:
+                    fh.write(os.urandom(min(n, 1024 * 1024)))
+                    n -= 1024 * 1024
         upload(Path(tmp), bucket)
 
     host = open_host(settings)

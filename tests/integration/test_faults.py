@@ -124,9 +124,10 @@ def test_ssh_connection_killed_while_a_step_runs_rolls_back(host: SandboxHost) -
     cannot know what that command did, so it fails, reconnects to roll back, and the next
     run converges."""
     host.set_flux_gpu_mib(22800)
-    # In the background, so the deploy goes on into the wait (the demo model loads for
-    # seconds), and the sessions die in the middle of it.
-    kill_soon = f"(sleep 1.5; {on_host(host, KILL_SESSIONS)}) >/dev/null 2>&1 &"
+    # The new process is frozen so the wait cannot end by itself; the kill comes in the
+    # background, so the deploy goes on into the wait and the sessions die in the middle of it.
+    freeze = on_host(host, f"sudo systemctl kill --signal=SIGSTOP {UNIT}")
+    kill_soon = f"{freeze}; (sleep 1.5; {on_host(host, KILL_SESSIONS)}) >/dev/null 2>&1 &"
     cut = deploy_with_fault(host, "done:start", kill_soon, "demo-tiny")
     assert "[fault]" in cut.stdout + cut.stderr
     assert_clean_failure(cut)

@@ -110,6 +110,15 @@ def _data(seed: str, size: int) -> bytes:
     return bytes(out[:size])
 
 
+def _safetensors(seed: str, size: int) -> bytes:
+    """A well-formed safetensors file of exactly ``size`` bytes: one U8 tensor fills it."""
+    header = b'{"w":{"dtype":"U8","shape":[N],"data_offsets":[0,N]}}'
+    n = size - 8 - len(header)
+    n -= len(str(n)) * 2 - 2  # "N" twice becomes the digits of n
+    header = header.replace(b"N", str(n).encode())
+    return len(header).to_bytes(8, "little") + header + _data(seed, n)
+
+
 @pytest.fixture
 def model(moto: Moto) -> Model:
     """A fresh bucket holding a small model: config, tokenizer, a multipart weights file."""
@@ -121,7 +130,7 @@ def model(moto: Moto) -> Model:
         "config.json": b'{"model_type": "qwen2"}\n',
         "tokenizer.json": _data("tok", 300_000),
         "sub/extra.bin": _data("extra", 100_000),
-        "model.safetensors": _data("weights", 2 * PART + 700_001),
+        "model.safetensors": _safetensors("weights", 2 * PART + 700_001),
     }
     s3.put_object(Bucket=bucket, Key=prefix + "config.json", Body=files["config.json"])
     s3.put_object(Bucket=bucket, Key=prefix + "tokenizer.json", Body=files["tokenizer.json"])
