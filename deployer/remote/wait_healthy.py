@@ -37,7 +37,10 @@ def unit_state(unit: str) -> tuple[str, int]:
     try:
         out = subprocess.run(
             ["systemctl", "show", unit, "--property=ActiveState,SubState,NRestarts"],
-            capture_output=True, text=True, timeout=10, check=False,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
         ).stdout
     except (OSError, subprocess.SubprocessError):
         return "unknown", 0
@@ -68,20 +71,32 @@ def main() -> int:
                 emit("wrong-model", serving=status.get("model"), expected=model)
                 return 4
         if health.get("status") == "error":
-            emit("failed", unit_state="engine error", reason=health.get("error") or health,
-                 elapsed_s=round(elapsed, 1))
+            emit(
+                "failed",
+                unit_state="engine error",
+                reason=health.get("error") or health,
+                elapsed_s=round(elapsed, 1),
+            )
             return 3
         state, restarts = unit_state(unit)
         if state.startswith("failed") or restarts >= max_restarts:
             emit("failed", unit_state=state, restarts=restarts, elapsed_s=round(elapsed, 1))
             return 3
         if elapsed >= timeout:
-            emit("timeout", unit_state=state, health=health.get("status"),
-                 elapsed_s=round(elapsed, 1))
+            emit(
+                "timeout",
+                unit_state=state,
+                health=health.get("status"),
+                elapsed_s=round(elapsed, 1),
+            )
             return 2
         if elapsed - last_report >= 5:
-            emit("waiting", unit_state=state, health=health.get("status") or health_code,
-                 elapsed_s=round(elapsed, 1))
+            emit(
+                "waiting",
+                unit_state=state,
+                health=health.get("status") or health_code,
+                elapsed_s=round(elapsed, 1),
+            )
             last_report = elapsed
         time.sleep(0.5)
 

@@ -8,6 +8,10 @@ import torch
 
 from remote_service.engine.base import SamplingParams
 
+#: Below this a temperature is greedy: dividing logits by it overflows float32 to inf, and the
+#: distribution it asks for is already the argmax.
+MIN_TEMPERATURE = 1e-5
+
 
 def sample_next(
     logits: torch.Tensor,
@@ -32,14 +36,15 @@ def sample_next(
         )[:, None]
         penalized = torch.where(logits > 0, logits / pen, logits * pen)
         logits = torch.where(seen, penalized, logits)
+    logits = torch.nan_to_num(logits, nan=float("-inf"))  # a NaN must never be chosen
 
-    greedy = torch.tensor([p.temperature <= 0 for p in params], device=logits.device)
+    greedy = torch.tensor([p.temperature < MIN_TEMPERATURE for p in params], device=logits.device)
     argmax = logits.argmax(dim=-1)
     if bool(greedy.all()):
         return [int(t) for t in argmax.tolist()]
 
     temps = torch.tensor(
-        [p.temperature if p.temperature > 0 else 1.0 for p in params],
+        [p.temperature if p.temperature >= MIN_TEMPERATURE else 1.0 for p in params],
         device=logits.device,
         dtype=logits.dtype,
     )
@@ -58,6 +63,14 @@ def sample_next(
     drop = (probs.cumsum(dim=-1) - probs) > top_p[:, None]
     probs = probs.masked_fill(drop, 0.0)
     probs = probs / probs.sum(dim=-1, keepdim=True)
+    # Extreme but valid settings (a repetition penalty near 0 sends logits to inf) can leave a
+    # row with no distribution: that row falls back to greedy instead of failing the batch.
+    bad = ~torch.isfinite(probs).all(dim=-1)
+    if bool(bad.any()):
+        greedy = greedy | bad
+        fallback = torch.zeros_like(probs)
+        fallback[:, 0] = 1.0
+        probs = torch.where(bad[:, None], fallback, probs)
 
     unseeded = [i for i, g in enumerate(generators) if g is None]
     chosen = torch.empty(len(params), dtype=torch.long, device=logits.device)

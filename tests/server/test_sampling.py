@@ -54,3 +54,23 @@ def test_seeded_rows_are_reproducible_next_to_unseeded_ones() -> None:
         return sample_next(torch.zeros(2, 1000), params, [None, gen])[1]
 
     assert len({draw() for _ in range(5)}) == 1
+
+
+def test_extreme_but_valid_settings_never_fail_the_batch() -> None:
+    """Settings the API accepts (temperature and penalty just above 0) overflow float32; each
+    such row falls back to greedy and the ordinary row beside it still samples."""
+    torch.manual_seed(0)
+    logits = torch.randn(4, 32) * 20
+    logits[:, 7] = 60.0  # the clear favourite of every row
+    seen = torch.ones(4, 32, dtype=torch.bool)
+    params = [
+        p(temperature=5e-324),
+        p(temperature=1.0, repetition_penalty=5e-324),
+        p(temperature=1e-30, top_p=1e-300, repetition_penalty=5e-324),
+        p(temperature=1.0),
+    ]
+    logits[3] = 0.0  # uniform: sampling, not argmax, decides this row
+    picks = {tuple(sample_next(logits.clone(), params, [None] * 4, seen=seen)) for _ in range(20)}
+    assert all(row[0] == 7 for row in picks)  # temperature 5e-324: greedy
+    assert all(0 <= t < 32 for row in picks for t in row)
+    assert len({row[3] for row in picks}) > 1  # the normal row still samples

@@ -34,7 +34,7 @@ def test_file_then_env_then_flags(tmp_path: Path) -> None:
     path = write(
         tmp_path,
         '[host]\naddress = "10.0.0.5"\nport = 2200\nkey_file = "keys/id"\n'
-        '[policy]\ncoexist_max_gb = 4.5\n',
+        "[policy]\ncoexist_max_gb = 4.5\n",
     )
     s = load_settings(path, environ={"MODEL_DEPLOYER_HOST__PORT": "2222"})
     assert s.host.address == "10.0.0.5"
