@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import CatalogError
-from .validation import describe, did_you_mean, printable
+from .validation import describe, did_you_mean, printable, read_operator_file
 
 MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 S3_PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,255}/$")
@@ -197,16 +197,7 @@ def parse_catalog(data: object, *, source: str = "catalog.yaml") -> Catalog:
 def load_catalog(path: Path | str | None = None) -> Catalog:
     path = Path(path) if path else DEFAULT_CATALOG
     source = printable(path.name)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise CatalogError(f"cannot read catalog {printable(str(path))}: {exc.strerror}") from None
-    except UnicodeDecodeError as exc:
-        raise CatalogError(f"{source}: not UTF-8 text (byte {exc.start})") from None
-    except ValueError:  # a NUL in the path
-        raise CatalogError(
-            f"cannot read catalog {printable(str(path))}: not a usable path"
-        ) from None
+    text = read_operator_file(path, kind="catalog", label=source, error=CatalogError)
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -19,7 +19,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import ConfigError
-from .validation import describe, did_you_mean, printable
+from .validation import describe, did_you_mean, printable, read_operator_file
 
 ENV_CONFIG = "MODEL_DEPLOYER_CONFIG"
 ENV_CATALOG = "MODEL_DEPLOYER_CATALOG"
@@ -262,14 +262,7 @@ def load_settings(
     source = "defaults"
     if file is not None:
         shown = printable(str(file))
-        try:
-            text = file.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError(f"cannot read config {shown}: {exc.strerror}") from None
-        except UnicodeDecodeError as exc:
-            raise ConfigError(f"{shown}: not UTF-8 text (byte {exc.start})") from None
-        except ValueError:  # a NUL in the path
-            raise ConfigError(f"cannot read config {shown}: not a usable path") from None
+        text = read_operator_file(file, kind="config", label=shown, error=ConfigError)
         try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable
+from pathlib import Path
 
 from pydantic import ValidationError
+
+from .errors import DeployError
 
 
 def printable(text: str) -> str:
@@ -19,6 +22,20 @@ def printable(text: str) -> str:
 
 def _escape(char: str) -> str:
     return char.encode("unicode_escape").decode("ascii")
+
+
+def read_operator_file(path: Path, *, kind: str, label: str, error: type[DeployError]) -> str:
+    """The UTF-8 text of an operator's file (the catalog, the config), or ``error`` with one
+    line: ``cannot read <kind> <path>: ...`` or ``<label>: not UTF-8 text``."""
+    shown = printable(str(path))
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise error(f"cannot read {kind} {shown}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise error(f"{label}: not UTF-8 text (byte {exc.start})") from None
+    except ValueError:  # a NUL in the path
+        raise error(f"cannot read {kind} {shown}: not a usable path") from None
 
 
 def close_matches(word: str, candidates: Iterable[str], n: int = 3) -> list[str]:
