@@ -35,6 +35,24 @@ if TYPE_CHECKING:
 DEBUG_ENV = "MODEL_DEPLOYER_DEBUG"
 
 
+# The options every command line of the tool shares.
+config_option = click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Config file (default: $MODEL_DEPLOYER_CONFIG, else ./model-deployer.toml).",
+)
+trust_new_host_key_option = click.option(
+    "--trust-new-host-key",
+    is_flag=True,
+    help="Record the host's SSH key when it is not known yet (never when it changed).",
+)
+debug_option = click.option(
+    "--debug", is_flag=True, help=f"Tracebacks on errors (also {DEBUG_ENV}=1)."
+)
+
+
 def _debug_wanted(flag: bool) -> bool:
     return flag or os.environ.get(DEBUG_ENV, "").lower() in ("1", "true", "yes")
 
@@ -139,19 +157,9 @@ def _console(as_json: bool) -> Console:
     default=None,
     help="Quantize even when the model fits (default 4bit). Put it after NAME.",
 )
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False),
-    default=None,
-    help="Config file (default: $MODEL_DEPLOYER_CONFIG, else ./model-deployer.toml).",
-)
+@config_option
 @click.option("--list", "list_models", is_flag=True, help="List the catalog and exit.")
-@click.option(
-    "--trust-new-host-key",
-    is_flag=True,
-    help="Record the host's SSH key when it is not known yet (never when it changed).",
-)
+@trust_new_host_key_option
 @click.option(
     "--lock-wait",
     default=0.0,
@@ -163,7 +171,7 @@ def _console(as_json: bool) -> Console:
     is_flag=True,
     help="Break a host lock whose holder is gone (check `model-deployer status` first).",
 )
-@click.option("--debug", is_flag=True, help=f"Tracebacks on errors (also {DEBUG_ENV}=1).")
+@debug_option
 def main(
     name: str | None,
     dry_run: bool,

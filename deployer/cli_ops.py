@@ -19,7 +19,13 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from .cli import DEBUG_ENV, _debug_wanted, run_guarded
+from .cli import (
+    _debug_wanted,
+    config_option,
+    debug_option,
+    run_guarded,
+    trust_new_host_key_option,
+)
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -62,19 +68,9 @@ def _console(stderr: bool = False) -> Any:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False),
-    default=None,
-    help="Config file (default: $MODEL_DEPLOYER_CONFIG, else ./model-deployer.toml).",
-)
-@click.option(
-    "--trust-new-host-key",
-    is_flag=True,
-    help="Record the host's SSH key when it is not known yet (never when it changed).",
-)
-@click.option("--debug", is_flag=True, help=f"Tracebacks on errors (also {DEBUG_ENV}=1).")
+@config_option
+@trust_new_host_key_option
+@debug_option
 @click.pass_context
 def main(
     ctx: click.Context, config_path: str | None, trust_new_host_key: bool, debug: bool

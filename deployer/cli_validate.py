@@ -18,7 +18,13 @@ from typing import TYPE_CHECKING
 
 import click
 
-from .cli import DEBUG_ENV, _debug_wanted, run_guarded
+from .cli import (
+    _debug_wanted,
+    config_option,
+    debug_option,
+    run_guarded,
+    trust_new_host_key_option,
+)
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -109,13 +115,7 @@ def _options(
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False),
-    default=None,
-    help="Config file (default: $MODEL_DEPLOYER_CONFIG, else ./model-deployer.toml).",
-)
+@config_option
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
 @click.option("--only", default=None, help=f"Comma-separated checks to run: {GROUP_HELP}.")
 @click.option(
@@ -139,12 +139,8 @@ def _options(
     help="Fail when less host RAM is available, warn under twice it "
     "(default: policy.ram_margin_gb).",
 )
-@click.option(
-    "--trust-new-host-key",
-    is_flag=True,
-    help="Record the host's SSH key when it is not known yet (never when it changed).",
-)
-@click.option("--debug", is_flag=True, help=f"Tracebacks on errors (also {DEBUG_ENV}=1).")
+@trust_new_host_key_option
+@debug_option
 def main(
     config_path: str | None,
     as_json: bool,
