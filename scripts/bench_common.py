@@ -74,3 +74,24 @@ def load_demo_builder() -> object:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def print_table(
+    header: str,
+    columns: tuple[str, str, str],
+    rows: list[tuple[str, str, str]],
+    *,
+    markdown: bool,
+    widths: tuple[int, int] = (45, 40),
+) -> None:
+    """Three-column results: a Markdown table (the header as a comment) or aligned text."""
+    if markdown:
+        print(f"<!-- {header} -->")
+        print("| " + " | ".join(columns) + " |")
+        print("| --- | --- | --- |")
+        for row in rows:
+            print(f"| {row[0].strip()} | {row[1]} | {row[2]} |")
+    else:
+        print(header)
+        for row in rows:
+            print(f"{row[0]:{widths[0]}s} {row[1]:{widths[1]}s} {row[2]}")

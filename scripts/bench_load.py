@@ -45,7 +45,7 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import free_port, load_demo_builder, percentile, start_server
+from bench_common import free_port, load_demo_builder, percentile, print_table, start_server
 
 REPO = Path(__file__).resolve().parents[1]
 MIB = 1024 * 1024
@@ -532,16 +532,13 @@ def main(argv: list[str] | None = None) -> int:
         f"warm-up={warm.requests} requests python={platform.python_version()} "
         f"cpus={os.cpu_count()}"
     )
-    if args.markdown:
-        print(f"<!-- {header} -->")
-        print("| measurement | result | detail |")
-        print("| --- | --- | --- |")
-        for row in rows:
-            print(f"| {row[0].strip()} | {row[1]} | {row[2]} |")
-    else:
-        print(header)
-        for row in rows:
-            print(f"{row[0]:30s} {row[1]:60s} {row[2]}")
+    print_table(
+        header,
+        ("measurement", "result", "detail"),
+        rows,
+        markdown=args.markdown,
+        widths=(30, 60),
+    )
     failed = report.problems or report.health_problems or idle_problems
     return 1 if failed else 0
 

@@ -33,7 +33,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import free_port, load_demo_builder, percentile, start_server
+from bench_common import free_port, load_demo_builder, percentile, print_table, start_server
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = (
@@ -241,16 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         f"model={model_dir.name} tokens/stream={args.tokens} runs={args.runs} (medians) "
         f"python={platform.python_version()} cpus={os.cpu_count()}"
     )
-    if args.markdown:
-        print(f"<!-- {header} -->")
-        print("| measurement | result | ratio |")
-        print("| --- | --- | --- |")
-        for row in rows:
-            print(f"| {row[0]} | {row[1]} | {row[2]} |")
-    else:
-        print(header)
-        for row in rows:
-            print(f"{row[0]:45s} {row[1]:40s} {row[2]}")
+    print_table(header, ("measurement", "result", "ratio"), rows, markdown=args.markdown)
     return 0
 
 
