@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 UNIT = "asoba-inference.service"
 FLUX = "flux-api.service"
+LOCK = "/var/lib/model-deployer/lock"
 
 
 def run(
@@ -110,6 +111,13 @@ def extra_catalog(tmp_path: Path, **entries: dict) -> Path:
     path = tmp_path / "catalog.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
+
+
+def lock_left(sandbox: SandboxHost) -> bool:
+    """Whether the host's deploy lock exists."""
+    answer = sandbox.ssh(f"test -e {LOCK}; echo $?").stdout.strip()
+    assert answer in {"0", "1"}, answer
+    return answer == "0"
 
 
 def status(sandbox: SandboxHost, port: int) -> dict:

@@ -21,6 +21,7 @@ from tests.integration.deploy_support import (
     deploy,
     extra_catalog,
     last_json,
+    lock_left,
     ops,
     status,
     upload,
@@ -140,7 +141,7 @@ def test_unhealthy_service_rolls_back_to_the_previous_one(
     )
     assert host.unit_property(UNIT, "MainPID") != pid_before  # restarted with its old files
     assert "demo-tiny" in host.sudo("cat /opt/asoba-inference/service.env").stdout
-    assert host.ssh("test -e /var/lib/model-deployer/lock; echo $?").stdout.strip() == "1"
+    assert not lock_left(host)
 
 
 def test_ssh_cut_during_the_pull_resumes_on_the_next_run(

@@ -22,10 +22,12 @@ import pytest
 
 from tests.integration.deploy_support import (
     FLUX,
+    LOCK,
     UNIT,
     deploy,
     extra_catalog,
     last_json,
+    lock_left,
     ops,
     status,
     upload,
@@ -39,7 +41,6 @@ pytestmark = pytest.mark.sandbox
 HARNESS = Path(__file__).with_name("fault_cli.py")
 #: Kills every SSH session of the ssh user on the host (the deploy's, and this command's own).
 KILL_SESSIONS = "sudo pkill -KILL -f 'sshd: ubuntu@notty'"
-LOCK = "/var/lib/model-deployer/lock"
 
 
 def deploy_with_fault(
@@ -65,10 +66,6 @@ def deploy_with_fault(
 def on_host(host: SandboxHost, command: str) -> str:
     """A shell command line that runs ``command`` on the host over the system ssh client."""
     return shlex.join(host.ssh_argv(command))
-
-
-def lock_left(host: SandboxHost) -> bool:
-    return host.ssh(f"test -e {LOCK}; echo $?").stdout.strip() == "0"
 
 
 def final_dirs_are_complete(host: SandboxHost, model: str) -> None:
