@@ -38,7 +38,14 @@ from .probe import inspect_host
 from .pull import PullEvent, PullResult, preflight_source, pull_request, run_pull
 from .redact import Secret
 from .releases import Release, Releases
-from .service_code import build_wheel, code_id, current_venv, install_venv, switch_venv_argv
+from .service_code import (
+    build_wheel,
+    code_id,
+    current_venv,
+    install_venv,
+    lock_hash,
+    switch_venv_argv,
+)
 from .ssh import Executor
 from .steps import Step, StepFailure, run_steps
 from .unit import FileWrite, ServiceEnv, service_env, unit_files, write_file
@@ -519,6 +526,8 @@ class Deployment:
             flux_stopped=self.plan.stop_flux,
             deployed_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             plan_id=self.plan.plan_id,
+            code_id=code_id(),
+            lock_hash=lock_hash(),
         )
         release = Release(
             model=self.plan.model,

@@ -125,6 +125,7 @@ def render_status(status: ServiceStatus, console: Console) -> None:
         ("revision", status.revision or "-"),
         ("quantization", status.quantization or "-"),
         ("port", str(status.port) if status.port else "-"),
+        ("code", f"{status.code_id or '-'} (lock {status.lock_hash or '-'})"),
         ("health", f"[{health_style}]{status.health}[/]"),
         ("flux-api", status.flux),
         (

@@ -22,7 +22,9 @@ and removes it when it removes the deployment. Format (``DeploymentState``)::
       "service": "asoba-inference.service",
       "flux_stopped": true,                 # the deploy stopped flux-api.service
       "deployed_at": "2026-11-23T10:42:06Z",
-      "plan_id": "3f1c9a0e2b7d4c55"         # Plan.plan_id of the plan that was applied
+      "plan_id": "3f1c9a0e2b7d4c55",        # Plan.plan_id of the plan that was applied
+      "code_id": "9b1e0c4f2a77",            # hash of the service code and its lock (the venv)
+      "lock_hash": "51d0a9e3c2b8"           # hash of deployer/locks/server.txt in that venv
     }
 
 Keys other than these are kept (``extra="allow"``) so an older probe reads a newer file.
@@ -165,6 +167,8 @@ class DeploymentState(BaseModel):
     flux_stopped: bool = False
     deployed_at: str | None = None
     plan_id: str | None = None
+    code_id: str | None = None
+    lock_hash: str | None = None
 
     def to_file(self) -> dict[str, object]:
         """The JSON object apply writes (``schema`` spelled as in the file)."""

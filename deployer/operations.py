@@ -52,6 +52,8 @@ class ServiceStatus:
     service_memory_gb: float | None = None
     status: dict[str, Any] = field(default_factory=dict)
     lock: str | None = None
+    code_id: str | None = None  # the service code and lock the venv was built from
+    lock_hash: str | None = None  # deployer/locks/server.txt of that venv
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -101,6 +103,8 @@ def service_status(executor: Executor, settings: Settings) -> ServiceStatus:
         service_memory_gb=round(inference.memory_bytes / GIB, 2) if inference.active else None,
         status=health.get("status", {}),
         lock=lock.describe() if lock else None,
+        code_id=deployed.code_id if deployed else None,
+        lock_hash=deployed.lock_hash if deployed else None,
     )
 
 

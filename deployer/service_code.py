@@ -1,9 +1,16 @@
 """The code that runs on the host: a wheel of this checkout, and the venv it is installed in.
 
 The venv lives in ``<service_dir>/venvs/<code_id>``, where ``code_id`` is a hash of the
-package sources, and ``<service_dir>/venv`` is a symlink to the one in use. The unit runs
-``<service_dir>/venv/bin/python``, so switching code (and rolling it back) is one atomic
-rename of a symlink, and re-deploying unchanged code reuses the venv as it is.
+package sources and the lock (``deployer/locks/server.txt``), and ``<service_dir>/venv`` is a
+symlink to the one in use. The unit runs ``<service_dir>/venv/bin/python``, so switching code
+(and rolling it back) is one atomic rename of a symlink, and re-deploying unchanged code with
+an unchanged lock reuses the venv as it is; a different lock means a new venv.
+
+The venv holds exactly the lock: ``pip install --require-hashes --no-deps -r server.txt``
+(online, or offline from ``install.wheelhouse``), then the wheel with ``--no-deps``. Nothing
+is resolved on the host at deploy time. What the lock leaves out (the host's own CUDA
+PyTorch) comes from the system site-packages. A copy of the lock stays in the venv as
+``lock.txt``, so the host can always say what it runs.
 """
 
 from __future__ import annotations
@@ -23,6 +30,8 @@ from .ssh import Executor
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = ("deployer", "remote_service")
 COMPLETE_MARKER = ".complete"
+SERVER_LOCK = Path(__file__).resolve().parent / "locks" / "server.txt"
+VENV_LOCK_NAME = "lock.txt"
 
 # Writes stdin (base64) to argv[1]: how a binary file reaches the host without scp.
 _WRITE_B64 = "import base64, sys; open(sys.argv[1], 'wb').write(base64.b64decode(sys.stdin.read()))"
@@ -38,6 +47,11 @@ def code_id(root: Path = ROOT) -> str:
         digest.update(path.relative_to(root).as_posix().encode() + b"\0")
         digest.update(path.read_bytes() + b"\0")
     return digest.hexdigest()[:12]
+
+
+def lock_hash(lock: Path = SERVER_LOCK) -> str:
+    """A short hash of the service venv's lock file, as recorded on the host."""
+    return hashlib.sha256(lock.read_bytes()).hexdigest()[:12]
 
 
 def _shipped(path: Path) -> bool:
@@ -101,9 +115,10 @@ def install_venv(
     wheel: Path,
     ident: str,
     *,
+    lock: Path = SERVER_LOCK,
     timeout: float = 1800.0,
 ) -> str:
-    """Create ``venvs/<ident>`` with the wheel and the ``server`` extra; idempotent.
+    """Create ``venvs/<ident>`` with exactly ``lock`` and the wheel; idempotent.
 
     ``--system-site-packages`` lets the host's own (CUDA) PyTorch satisfy the ``torch``
     requirement. A venv without its completion marker is a leftover of an interrupted run and
@@ -117,26 +132,33 @@ def install_venv(
     executor.run(commands.make_dir(venvs_dir(settings), owner="root"), sudo=True)
     executor.run(commands.remove_tree(target), sudo=True, what="remove a partial venv")
     remote_wheel = f"{venvs_dir(settings)}/{wheel.name}"
-    executor.run(
-        [python, "-c", _WRITE_B64, remote_wheel],
-        sudo=True,
-        stdin=base64.b64encode(wheel.read_bytes()).decode(),
-        what="upload the service wheel",
-    )
+    _upload(executor, python, wheel.read_bytes(), remote_wheel, "upload the service wheel")
     executor.run(
         [python, "-m", "venv", "--system-site-packages", target],
         sudo=True,
         what="create the service venv",
     )
+    remote_lock = f"{target}/{VENV_LOCK_NAME}"
+    _upload(executor, python, lock.read_bytes(), remote_lock, "upload the lock")
     pip = [f"{target}/bin/python", "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+    # The lock is complete for what it covers: nothing is resolved here.
+    pip += ["--no-deps", "--only-binary", ":all:"]
     if settings.install.wheelhouse:
         pip += ["--no-index", "--find-links", settings.install.wheelhouse]
     elif settings.install.index_url:
         pip += ["--index-url", settings.install.index_url]
+    env = {"PIP_ROOT_USER_ACTION": "ignore", "PIP_NO_CACHE_DIR": "1"}
     executor.run(
-        [*pip, f"{remote_wheel}[server]"],
+        [*pip, "--require-hashes", "--requirement", remote_lock],
         sudo=True,
-        env={"PIP_ROOT_USER_ACTION": "ignore", "PIP_NO_CACHE_DIR": "1"},
+        env=env,
+        timeout=timeout,
+        what="install the locked dependencies into the venv",
+    )
+    executor.run(
+        [*pip, remote_wheel],
+        sudo=True,
+        env=env,
         timeout=timeout,
         what="install remote_service into the venv",
     )
@@ -148,6 +170,15 @@ def install_venv(
     executor.run(["touch", f"{target}/{COMPLETE_MARKER}"], sudo=True)
     executor.run(commands.remove(remote_wheel), sudo=True, check=False)
     return target
+
+
+def _upload(executor: Executor, python: str, data: bytes, path: str, what: str) -> None:
+    executor.run(
+        [python, "-c", _WRITE_B64, path],
+        sudo=True,
+        stdin=base64.b64encode(data).decode(),
+        what=what,
+    )
 
 
 def switch_venv_argv(settings: Settings, target: str) -> list[list[str]]:

@@ -54,7 +54,7 @@ class TorchBatchRunner:
             input_ids=ids,
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=cache,
+            cache=cache,
             use_cache=True,
             logits_to_keep=1,
         )
@@ -63,7 +63,7 @@ class TorchBatchRunner:
         seen = torch.zeros(logits.shape, dtype=torch.bool, device=self._device)
         seen.scatter_(1, torch.where(mask.bool(), ids, ids[:, -1:]), True)
         tokens = self._sample(logits, seqs, seen)
-        self._merge(out.past_key_values, mask, seen, seqs)
+        self._merge(out.cache, mask, seen, seqs)
         return tokens
 
     @torch.inference_mode()
@@ -78,11 +78,11 @@ class TorchBatchRunner:
             input_ids=last.to(self._device),
             attention_mask=self._mask,
             position_ids=positions,
-            past_key_values=self._cache,
+            cache=self._cache,
             use_cache=True,
             logits_to_keep=1,
         )
-        self._cache = out.past_key_values
+        self._cache = out.cache
         tokens = self._sample(out.logits[:, -1, :], self._rows, self._seen)
         return list(zip(self._rows, tokens, strict=True))
 

@@ -11,7 +11,7 @@ REPO_ROOT="$(cd "$SANDBOX_LIB/../.." && pwd)"
 
 # Bump when the rootfs recipe (build-rootfs) changes; the cached tarball is keyed by it.
 # Files under guest/ are copied in at every boot and need no bump.
-ROOTFS_VERSION="bookworm-4"
+ROOTFS_VERSION="bookworm-5"
 
 SANDBOX_CACHE="${MODEL_DEPLOYER_CACHE:-${HOME:-/root}/.cache/model-deployer}"
 ROOTFS_TAR="$SANDBOX_CACHE/rootfs-$ROOTFS_VERSION.tar.zst"

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from packaging.utils import canonicalize_name
 
+from deployer.service_code import SERVER_LOCK, code_id, lock_hash
 from tests.integration.deploy_support import (
     BIN,
     FLUX,
@@ -84,6 +86,29 @@ def test_deploy_beside_flux_then_rerun_is_a_noop(host: SandboxHost) -> None:
     facts = json.loads(shown.stdout)
     assert (facts["model"], facts["port"], facts["health"]) == ("demo-tiny", 8001, "ok")
     assert facts["flux"].startswith("active")
+    assert facts["lock_hash"] == lock_hash() and facts["code_id"] == code_id()
+
+
+def _pins(text: str) -> dict[str, str]:
+    found = re.findall(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;\\]+)", text, re.MULTILINE)
+    return {canonicalize_name(name): version for name, version in found}
+
+
+def test_service_venv_holds_exactly_the_lock(host: SandboxHost) -> None:
+    done = deploy(host, "demo-tiny", "--json")
+    assert done.returncode == 0, done.stderr
+    venv = "/opt/asoba-inference/venv"
+    freeze = host.ssh(f"{venv}/bin/python -m pip freeze --local --exclude-editable").stdout
+    installed = _pins(freeze)
+    locked = _pins(SERVER_LOCK.read_text())
+    assert len(locked) > 40
+    # Every locked package at its locked version, and nothing unlocked but the service itself.
+    assert {name: installed.get(name) for name in locked} == locked
+    assert set(installed) - set(locked) == {"model-deployer"}
+    # What the host provides stays the host's: torch from the system site-packages.
+    where = host.ssh(f"{venv}/bin/python -c 'import torch; print(torch.__file__)'").stdout
+    assert where.startswith("/usr/local/lib/python3.11/dist-packages/torch/")
+    assert host.ssh(f"cat {venv}/lock.txt").stdout == SERVER_LOCK.read_text()
 
 
 def test_replace_stops_flux_and_undeploy_restores_it(host: SandboxHost) -> None:

@@ -1,0 +1,189 @@
+#!/usr/bin/env python3
+"""Resolve, write and check the project's lock (``deployer/locks/``).
+
+    scripts/lock.py            resolve pyproject.toml again and rewrite both views (make lock)
+    scripts/lock.py --check    exit 1 with one line when pyproject.toml and the lock disagree
+    scripts/lock.py --pins V   print view V's name==version lines (pip constraints, no hashes)
+
+One resolution, two views of it, both with exact versions and sha256 hashes:
+
+- ``dev.txt``: the CLI, the ``server`` extra, the dev tools and the CPU build of PyTorch, for
+  developers, CI (``scripts/install-dev.sh``) and ``make test``;
+- ``server.txt``: the CLI and the ``server`` extra without what the host provides (its own
+  CUDA PyTorch and what only PyTorch needs), resolved under ``dev.txt`` as constraints so
+  every version in it is the one in ``dev.txt``. The service venv on the host and the sandbox
+  guest's wheelhouse install exactly this file, with ``--no-deps --require-hashes``.
+
+The resolver is uv (``uv pip compile``): it resolves for a stated Python and platform instead
+of the machine it runs on, writes hashes for every published file of a pinned version, can drop
+a package and its exclusive dependencies (an override with a marker that is never true) and
+takes seconds. It is needed only here; every install reads the files with plain pip, which the
+host and the guest already have.
+
+Each file starts with ``# input-hash: <sha256>`` of the inputs that decide it: the
+``[build-system]`` requires, ``[project]`` dependencies and optional dependencies, the Python
+version and ``[tool.model-deployer.lock]``. ``--check`` recomputes it, so editing a dependency
+without running ``make lock`` fails ``make lint``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+LOCKS = ROOT / "deployer" / "locks"
+VIEWS = ("dev.txt", "server.txt")
+HASH_RE = re.compile(r"^# input-hash: ([0-9a-f]{64})$", re.MULTILINE)
+
+
+def settings(pyproject: dict) -> dict:
+    return pyproject["tool"]["model-deployer"]["lock"]
+
+
+def input_hash(pyproject: dict) -> str:
+    project = pyproject["project"]
+    decided = {
+        "build": pyproject["build-system"]["requires"],
+        "dependencies": project.get("dependencies", []),
+        "optional": project.get("optional-dependencies", {}),
+        "requires-python": project.get("requires-python"),
+        "lock": settings(pyproject),
+    }
+    canonical = json.dumps(decided, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def recorded_hash(path: Path) -> str | None:
+    try:
+        match = HASH_RE.search(path.read_text()[:4096])
+    except OSError:
+        return None
+    return match.group(1) if match else None
+
+
+def pins(view: str) -> list[str]:
+    """``name==version`` of every package in a view, for use as pip constraints (no hashes)."""
+    return re.findall(r"^([A-Za-z0-9][A-Za-z0-9._-]*==[^\s;\\]+)", (LOCKS / view).read_text(), re.M)
+
+
+def check(pyproject: dict) -> int:
+    want = input_hash(pyproject)
+    for name in VIEWS:
+        got = recorded_hash(LOCKS / name)
+        if got is None:
+            print(f"lock: deployer/locks/{name} is missing or has no input-hash; run `make lock`")
+            return 1
+        if got != want:
+            print(
+                f"lock: pyproject.toml changed since deployer/locks/{name} was made; "
+                "run `make lock` and commit the result"
+            )
+            return 1
+    return 0
+
+
+def _uv() -> str:
+    found = shutil.which("uv") or str(Path(sys.executable).with_name("uv"))
+    if not Path(found).exists():
+        raise SystemExit("lock: uv is not installed (it is in the dev extra: make install)")
+    return found
+
+
+def _compile(args: list[str], out: Path, header: str, scratch: str) -> None:
+    cmd = [_uv(), "pip", "compile", "--quiet", "--no-header", "--generate-hashes", *args]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr)
+        raise SystemExit(f"lock: uv pip compile failed ({proc.returncode})")
+    # The annotations name the generated inputs by their temporary paths: name them stably.
+    out.write_text(header + proc.stdout.replace(scratch + "/", "lock-inputs/"))
+
+
+def lock(pyproject: dict) -> int:
+    conf = settings(pyproject)
+    digest = input_hash(pyproject)
+    target = [
+        "--python-version",
+        conf["python"],
+        "--python-platform",
+        conf["platform"],
+        "--annotation-style=line",
+    ]
+    links = [f"--find-links={d}" for d in conf.get("find-links", []) if Path(d).is_dir()]
+    LOCKS.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        pins = Path(tmp) / "dev-pins.txt"
+        pins.write_text("\n".join(conf["dev-pins"]) + "\n")
+        provided = Path(tmp) / "host-provided.txt"
+        # An override whose marker is never true removes the package and every dependency
+        # that only it needs.
+        provided.write_text(
+            "".join(f"{name} ; sys_platform == 'never'\n" for name in conf["host-provided"])
+        )
+        build = Path(tmp) / "build.txt"
+        build.write_text("\n".join(pyproject["build-system"]["requires"]) + "\n")
+        common = (
+            f"# input-hash: {digest}\n"
+            f"# Generated by `make lock` (scripts/lock.py) for CPython {conf['python']} on "
+            f"{conf['platform']}. Do not edit.\n"
+        )
+        dev = LOCKS / "dev.txt"
+        _compile(
+            [
+                *target,
+                *links,
+                "--extra=server",
+                "--extra=dev",
+                "--constraint",
+                str(pins),
+                "pyproject.toml",
+                str(build),
+            ],
+            dev,
+            common + "# View: developers, CI and the sandbox (CPU PyTorch).\n",
+            tmp,
+        )
+        named = ", ".join(conf["host-provided"])
+        _compile(
+            [
+                *target,
+                "--extra=server",
+                "--constraint",
+                str(dev),
+                "--override",
+                str(provided),
+                "pyproject.toml",
+            ],
+            LOCKS / "server.txt",
+            common
+            + f"# View: the service venv on the host. Provided by the host, never installed: "
+            f"{named} (and what only they need).\n",
+            tmp,
+        )
+    print(f"lock: wrote {', '.join(f'deployer/locks/{v}' for v in VIEWS)}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="only compare, write nothing")
+    parser.add_argument("--pins", choices=VIEWS, help="print a view's name==version lines")
+    args = parser.parse_args(argv)
+    if args.pins:
+        print("\n".join(pins(args.pins)))
+        return 0
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    return check(pyproject) if args.check else lock(pyproject)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
