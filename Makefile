@@ -27,8 +27,10 @@ lint: install
 	$(VENV)/bin/ruff check .
 
 # Refresh the lock on purpose: every version may move. Commit the result with the reason.
+#   make lock                  keeps every locked version the ranges still allow
+#   make lock UPGRADE=pkg      moves pkg (several: UPGRADE="a b"; everything: UPGRADE=all)
 lock: install
-	$(PY) scripts/lock.py
+	$(PY) scripts/lock.py $(foreach p,$(UPGRADE),--upgrade $(p))
 
 # What is coming: the newest releases the ranges in pyproject.toml allow, in a throwaway venv,
 # against the fast tier. Not part of `make test`; red here means a bound or a fix is due.

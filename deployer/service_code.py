@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import re
 import subprocess
 import sys
 import tempfile
@@ -52,6 +53,12 @@ def code_id(root: Path = ROOT) -> str:
 def lock_hash(lock: Path = SERVER_LOCK) -> str:
     """A short hash of the service venv's lock file, as recorded on the host."""
     return hashlib.sha256(lock.read_bytes()).hexdigest()[:12]
+
+
+def lock_python(lock: Path = SERVER_LOCK) -> tuple[int, int] | None:
+    """The CPython ``(major, minor)`` the lock was resolved for (its header says)."""
+    match = re.search(r"^# Generated .* for CPython (\d+)\.(\d+) ", lock.read_text()[:4096], re.M)
+    return (int(match.group(1)), int(match.group(2))) if match else None
 
 
 def _shipped(path: Path) -> bool:
@@ -141,8 +148,10 @@ def install_venv(
     remote_lock = f"{target}/{VENV_LOCK_NAME}"
     _upload(executor, python, lock.read_bytes(), remote_lock, "upload the lock")
     pip = [f"{target}/bin/python", "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
-    # The lock is complete for what it covers: nothing is resolved here.
-    pip += ["--no-deps", "--only-binary", ":all:"]
+    # The lock is complete for what it covers: nothing is resolved here. --ignore-installed:
+    # the venv holds its own copy of every locked package even where the system site-packages
+    # has the same version, so a later change to the host's Python cannot change the service.
+    pip += ["--no-deps", "--only-binary", ":all:", "--ignore-installed"]
     if settings.install.wheelhouse:
         pip += ["--no-index", "--find-links", settings.install.wheelhouse]
     elif settings.install.index_url:

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from .errors import CommandResult, DeployError
+from .service_code import lock_python
 from .validation import did_you_mean
 
 if TYPE_CHECKING:
@@ -761,6 +762,15 @@ def check_python(answer: HostAnswer, settings: Settings) -> CheckResult:
             "python",
             f"{value}: the service needs Python {need}+",
             f"install Python {need}+ on the host and set remote.python",
+            elapsed,
+        )
+    locked = lock_python()
+    if locked and _version_tuple(version)[:2] != locked:
+        need = ".".join(map(str, locked))
+        return fail(
+            "python",
+            f"{value}: the service's lock (deployer/locks/server.txt) is made for CPython {need}",
+            f"set remote.python to a Python {need} on the host, or make the lock for this one",
             elapsed,
         )
     if venv.get("code") != 0 or ensurepip.get("code") != 0:

@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Resolve, write and check the project's lock (``deployer/locks/``).
 
-    scripts/lock.py            resolve pyproject.toml again and rewrite both views (make lock)
+    scripts/lock.py            resolve pyproject.toml again and rewrite both views (make lock);
+                               locked versions stay where the ranges still allow them
+    scripts/lock.py --upgrade P   ... and let package P (or `all`) move to its newest
     scripts/lock.py --check    exit 1 with one line when pyproject.toml and the lock disagree
     scripts/lock.py --pins V   print view V's name==version lines (pip constraints, no hashes)
 
@@ -98,17 +100,25 @@ def _uv() -> str:
     return found
 
 
-def _compile(args: list[str], out: Path, header: str, scratch: str) -> None:
-    cmd = [_uv(), "pip", "compile", "--quiet", "--no-header", "--generate-hashes", *args]
+def _compile(args: list[str], out: Path, header: str, scratch: str, upgrade: list[str]) -> None:
+    """Resolve into ``out``. The versions already in ``out`` are kept where the ranges still
+    allow them, unless ``upgrade`` names the package (or is ``["all"]``)."""
+    result = Path(scratch) / f"previous-{out.name}"
+    if out.exists():
+        shutil.copy(out, result)
+    moves = ["--upgrade"] if upgrade == ["all"] else [f"--upgrade-package={p}" for p in upgrade]
+    cmd = [_uv(), "pip", "compile", "--quiet", "--no-header", "--generate-hashes", *moves]
+    cmd += [*args, "--output-file", str(result)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr)
         raise SystemExit(f"lock: uv pip compile failed ({proc.returncode})")
+    body = "".join(line for line in result.read_text().splitlines(True) if not line.startswith("#"))
     # The annotations name the generated inputs by their temporary paths: name them stably.
-    out.write_text(header + proc.stdout.replace(scratch + "/", "lock-inputs/"))
+    out.write_text(header + body.replace(scratch + "/", "lock-inputs/"))
 
 
-def lock(pyproject: dict) -> int:
+def lock(pyproject: dict, upgrade: list[str]) -> int:
     conf = settings(pyproject)
     digest = input_hash(pyproject)
     target = [
@@ -151,6 +161,7 @@ def lock(pyproject: dict) -> int:
             dev,
             common + "# View: developers, CI and the sandbox (CPU PyTorch).\n",
             tmp,
+            upgrade,
         )
         named = ", ".join(conf["host-provided"])
         _compile(
@@ -168,6 +179,7 @@ def lock(pyproject: dict) -> int:
             + f"# View: the service venv on the host. Provided by the host, never installed: "
             f"{named} (and what only they need).\n",
             tmp,
+            upgrade,
         )
     print(f"lock: wrote {', '.join(f'deployer/locks/{v}' for v in VIEWS)}")
     return 0
@@ -177,12 +189,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="only compare, write nothing")
     parser.add_argument("--pins", choices=VIEWS, help="print a view's name==version lines")
+    parser.add_argument(
+        "--upgrade",
+        action="append",
+        default=[],
+        metavar="PACKAGE",
+        help="let PACKAGE move to its newest allowed version ('all': every package)",
+    )
     args = parser.parse_args(argv)
     if args.pins:
         print("\n".join(pins(args.pins)))
         return 0
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    return check(pyproject) if args.check else lock(pyproject)
+    return check(pyproject) if args.check else lock(pyproject, args.upgrade)
 
 
 if __name__ == "__main__":

@@ -102,9 +102,14 @@ def test_service_venv_holds_exactly_the_lock(host: SandboxHost) -> None:
     installed = _pins(freeze)
     locked = _pins(SERVER_LOCK.read_text())
     assert len(locked) > 40
-    # Every locked package at its locked version, and nothing unlocked but the service itself.
+    # Every locked package at its locked version, and nothing unlocked but the service itself
+    # (frozen as `model-deployer @ file://...`, the wheel it was installed from).
     assert {name: installed.get(name) for name in locked} == locked
-    assert set(installed) - set(locked) == {"model-deployer"}
+    assert set(installed) - set(locked) == set()
+    assert any(ln.startswith("model-deployer @ file://") for ln in freeze.splitlines())
+    assert [ln for ln in freeze.splitlines() if "==" not in ln] == [
+        ln for ln in freeze.splitlines() if ln.startswith("model-deployer @ file://")
+    ]
     # What the host provides stays the host's: torch from the system site-packages.
     where = host.ssh(f"{venv}/bin/python -c 'import torch; print(torch.__file__)'").stdout
     assert where.startswith("/usr/local/lib/python3.11/dist-packages/torch/")

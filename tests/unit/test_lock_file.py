@@ -120,3 +120,21 @@ def test_upper_bounds_on_what_breaks_us() -> None:
     assert "<5.40" in transformers  # 5.40 removes past_key_values; our floor is its successor
     for requirement in [*pyproject["project"]["dependencies"], *server]:
         assert "<" in requirement, f"no upper bound: {requirement}"
+
+
+def test_a_different_lock_is_a_different_venv(tmp_path: Path) -> None:
+    """The venv is named by code_id, which covers the lock: a new lock builds a new venv, the
+    same code and lock name the same one (so a re-deploy reuses it)."""
+    from deployer.service_code import code_id, lock_hash
+
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    for package in ("deployer", "remote_service"):
+        shutil.copytree(
+            ROOT / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__")
+        )
+    lock = tmp_path / "deployer" / "locks" / "server.txt"
+    before, before_lock = code_id(tmp_path), lock_hash(lock)
+    assert code_id(tmp_path) == before and before == code_id(ROOT)
+    lock.write_text(lock.read_text().replace("click==", "click==0.0.0+x", 1))
+    assert code_id(tmp_path) != before
+    assert lock_hash(lock) != before_lock

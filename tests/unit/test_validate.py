@@ -556,6 +556,8 @@ def test_torch_and_cuda(torch: str | None, torch_cuda: str | None, status: str, 
 def test_python_version_and_venv(config: Path) -> None:
     rows = by_name(run(config, fake_host(python="3.8.10")))
     assert rows["python"].status == "fail" and "needs Python 3.11+" in rows["python"].value
+    rows = by_name(run(config, fake_host(python="3.12.3")))
+    assert rows["python"].status == "fail" and "made for CPython 3.11" in rows["python"].value
     rows = by_name(run(config, fake_host(codes={"python.ensurepip": 1})))
     assert rows["python"].status == "fail" and "python3-venv" in (rows["python"].remedy or "")
     rows = by_name(run(config, fake_host(free_bytes=1 * GB)))
