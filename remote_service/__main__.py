@@ -19,7 +19,9 @@ from types import FrameType
 
 import uvicorn
 
+from remote_service.connections import protocol_class
 from remote_service.engine.base import Engine
+from remote_service.log_filters import RateLimitFilter
 
 EXIT_CONFIG = 2
 _UVICORN_EXTRA_GRACE_S = 5
@@ -29,6 +31,7 @@ _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 def configure_logging(level: str) -> None:
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter(_LOG_FORMAT))
+    handler.addFilter(RateLimitFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -84,6 +87,12 @@ def main(environ: Mapping[str, str] | None = None) -> int:
         # A backstop only: the engine ends open requests cleanly before this runs out.
         timeout_graceful_shutdown=round(settings.shutdown_timeout) + _UVICORN_EXTRA_GRACE_S,
         lifespan="on",
+        # Read deadlines and the connection cap (remote_service/connections.py).
+        http=protocol_class(
+            request_timeout=settings.request_timeout, max_connections=settings.max_connections
+        ),
+        # A request line plus headers larger than this is refused by h11 (400).
+        h11_max_incomplete_event_size=64 * 1024,
     )
     server = DrainingServer(config, engine=app.state.engine, grace=settings.shutdown_timeout)
     server.run()

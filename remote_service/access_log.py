@@ -16,6 +16,8 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from remote_service.api.serving import LOG_KEY
+from remote_service.http_guard import REQUEST_ID_KEY
+from remote_service.log_filters import printable
 from remote_service.metrics import Metrics
 
 log = logging.getLogger("remote_service.access")
@@ -47,8 +49,10 @@ class AccessLogMiddleware:
             route = _route_of(scope)
             if self.metrics is not None:
                 self.metrics.http_request(scope.get("method", ""), route, status, seconds)
-            details: dict[str, Any] = scope.get(LOG_KEY) or {}
-            extra = "".join(f" {k}={v}" for k, v in details.items())
+            details: dict[str, Any] = dict(scope.get(LOG_KEY) or {})
+            if REQUEST_ID_KEY in scope:
+                details.setdefault("rid", scope[REQUEST_ID_KEY])
+            extra = "".join(f" {k}={printable(str(v), 200)}" for k, v in details.items())
             level = logging.DEBUG if path in _QUIET and status < 400 else logging.INFO
             client = scope.get("client")
             peer = f"{client[0]}" if client else "-"
@@ -56,8 +60,8 @@ class AccessLogMiddleware:
                 level,
                 "%s %s %s %d %.1fms%s",
                 peer,
-                scope.get("method", ""),
-                path,
+                printable(scope.get("method", ""), 32),
+                printable(path),  # a client's %0A must not start a second line
                 status,
                 seconds * 1000,
                 extra,

@@ -9,13 +9,16 @@ running sequences up to ``ASOBA_SHUTDOWN_TIMEOUT`` seconds.
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
 from remote_service import SERVICE_NAME, __version__
 from remote_service.access_log import AccessLogMiddleware
@@ -23,6 +26,8 @@ from remote_service.api import routes_generate, routes_health, routes_openai
 from remote_service.api.errors import install_error_handlers
 from remote_service.api.serving import Serving
 from remote_service.engine import Engine, EngineLoadError, build_engine
+from remote_service.engine.base import EngineState
+from remote_service.http_guard import BodyLimitMiddleware, RequestIdMiddleware
 from remote_service.metrics import Metrics
 from remote_service.settings import Settings
 
@@ -47,6 +52,48 @@ def _load_in_background(engine: Engine, metrics: Metrics) -> threading.Thread:
     thread = threading.Thread(target=load, name="model-load", daemon=True)
     thread.start()
     return thread
+
+
+def _openapi_as_served(app: FastAPI, settings: Settings, engine: Engine) -> None:
+    """The OpenAPI document with this server's own limits, so a request the document calls
+    valid is one the server accepts: ``max_tokens`` up to ASOBA_MAX_NEW_TOKENS, prompts up to
+    ASOBA_MAX_PROMPT_CHARS, token ids inside the vocabulary (once the model is loaded). Without
+    ASOBA_API_KEY nothing asks for credentials, and the document says so."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        schema = copy.deepcopy(build())
+        if settings.api_key is None:
+            schema.get("components", {}).pop("securitySchemes", None)
+            for path in schema.get("paths", {}).values():
+                for operation in path.values():
+                    if isinstance(operation, dict):
+                        operation.pop("security", None)
+                        operation.get("responses", {}).pop("401", None)
+        vocab = engine.info.vocab_size if engine.health().state is EngineState.READY else None
+        for model in schema.get("components", {}).get("schemas", {}).values():
+            for name, prop in model.get("properties", {}).items():
+                if name in ("max_tokens", "max_completion_tokens"):
+                    _bound(prop, "integer", "maximum", settings.max_new_tokens)
+                elif name == "prompt":
+                    _bound(prop, "string", "maxLength", settings.max_prompt_chars)
+                    if vocab:
+                        _bound(prop, "integer", "maximum", vocab - 1)
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _bound(node: Any, type_: str, key: str, limit: int) -> None:
+    """Set ``key`` to at most ``limit`` on every ``type_`` schema inside ``node``."""
+    if isinstance(node, list):
+        for item in node:
+            _bound(item, type_, key, limit)
+    elif isinstance(node, dict):
+        if node.get("type") == type_:
+            node[key] = min(limit, node.get(key, limit))
+        for value in node.values():
+            _bound(value, type_, key, limit)
 
 
 def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
@@ -81,8 +128,20 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     app.state.serving = Serving(engine, settings)
     app.state.started_at = time.time()
     install_error_handlers(app)
+    _openapi_as_served(app, settings, engine)
     app.include_router(routes_health.router)
     app.include_router(routes_generate.router)
     app.include_router(routes_openai.router)
+    # Added innermost first: the access log sees every answer, 413s and CORS preflights too.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
+    if settings.cors_origin_list:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origin_list,
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["authorization", "content-type", "x-api-key", "x-request-id"],
+            expose_headers=["x-request-id", "x-ignored-fields", "retry-after"],
+        )
+    app.add_middleware(RequestIdMiddleware)
     app.add_middleware(AccessLogMiddleware, metrics=metrics)
     return app

@@ -62,6 +62,18 @@ class Settings(BaseModel):
     default_max_tokens: int = Field(512, ge=1, description="max_tokens when a request omits it")
     max_model_len: int | None = Field(None, ge=16, description="Context cap (default: model's)")
     max_prompt_chars: int = Field(1_000_000, ge=1, description="Reject longer prompts early")
+    max_request_bytes: int = Field(
+        4 * 1024 * 1024, ge=1024, le=1024**3, description="Request body cap (413 beyond)"
+    )
+    request_timeout: float = Field(
+        30.0, gt=0, le=3600, description="Seconds a client has to send a whole request"
+    )
+    max_connections: int = Field(
+        1024, ge=1, le=60_000, description="Open connections; 503 with Retry-After beyond"
+    )
+    cors_origins: str | None = Field(
+        None, description="Comma-separated origins allowed by CORS ('*': any); default: none"
+    )
     api_key: SecretStr | None = Field(None, description="Bearer key for /generate and /v1/*")
     reasoning: Reasoning = Field("keep", description="'split' moves <think> to reasoning_content")
     shutdown_timeout: float = Field(20.0, ge=0, le=3600, description="SIGTERM grace, seconds")
@@ -99,6 +111,10 @@ class Settings(BaseModel):
                 "but ASOBA_DEVICE=cpu; use ASOBA_QUANTIZATION=none on CPU"
             )
         return self
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return [o.strip() for o in (self.cors_origins or "").split(",") if o.strip()]
 
     @property
     def served_model_name(self) -> str:

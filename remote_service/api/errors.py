@@ -65,7 +65,8 @@ def from_engine_error(exc: EngineError) -> APIError:
     if exc.retry_after_s is not None:  # a full queue (429), a model not ready (503)
         headers = {"Retry-After": str(exc.retry_after_s)}
     message = str(exc) if exc.status < 500 or exc.status == 503 else "the model failed"
-    return APIError(exc.status, message, type=exc.type, headers=headers)
+    code = "rate_limit_exceeded" if exc.status == 429 else None
+    return APIError(exc.status, message, type=exc.type, code=code, headers=headers)
 
 
 _STATUS_TYPES = {
@@ -84,7 +85,7 @@ def describe_validation(exc: RequestValidationError) -> APIError:
     if not errors:
         return APIError(400, "invalid request")
     first = errors[0]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    loc = _field_path(first.get("loc", ()))
     kind = str(first.get("type", ""))
     param = ".".join(loc) or None
     if kind == "json_invalid":
@@ -100,6 +101,28 @@ def describe_validation(exc: RequestValidationError) -> APIError:
     msg = str(first.get("msg", "invalid value"))
     more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
     return APIError(400, f"{param or 'body'}: {msg}{more}", param=param)
+
+
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "none", "list", "dict", "tuple"})
+_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
+
+
+def _field_path(loc: Any) -> list[str]:
+    """The field names and indices of a pydantic error location, without ``body`` and
+    without the union-member tags pydantic adds (``str``, ``list[int]``, ``function-after``)."""
+    path: list[str] = []
+    for part in loc:
+        text = str(part)
+        if part == "body" and not path:
+            continue
+        if len(path) >= 2 and path[-2] == "messages" and text in _ROLES:
+            continue  # the message kind pydantic picked by its role, not a field
+        if not isinstance(part, int) and (
+            "[" in text or "-" in text or text in _TYPE_TAGS or text.startswith("constrained")
+        ):
+            break
+        path.append(text)
+    return path
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -1,15 +1,29 @@
 """Request and response models of every endpoint (pydantic; these pin the wire format).
 
-Requests are strict (no "16" for 16) and reject unknown fields, as OpenAI does. OpenAI fields
-this server does not implement are declared so that their default is accepted and anything
-else is a clear 400 naming the field (see ``serving.reject_unsupported``).
+Requests are strict (no "16" for 16). Unknown fields are ignored, as vLLM does: clients send
+fields this server has never heard of (the OpenAI SDK's ``store``, ``metadata``,
+``service_tier``, ...). Each request notes what it ignored (``ignored_fields()``), the answer
+names them in ``x-ignored-fields`` and the server logs each name once. OpenAI fields this
+server knows but does not implement are declared, with their default as the only value the
+schema admits, so a client sending the default works and anything else is a clear 400 naming
+the field.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ModelWrapValidatorHandler,
+    PrivateAttr,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+    model_validator,
+)
 
 # --- common ---------------------------------------------------------------------------------
 
@@ -33,17 +47,72 @@ class Usage(BaseModel):
     total_tokens: int
 
 
-class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+MAX_IGNORED_NOTED = 32  # names per request kept for the header and the log
 
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    _ignored: list[str] = PrivateAttr(default_factory=list)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _note_ignored(cls, data: Any, handler: ModelWrapValidatorHandler[Any]) -> Any:
+        model = handler(data)
+        if isinstance(data, dict) and isinstance(model, _Request):
+            known = set(cls.model_fields)
+            unknown = [str(k) for k in data if k not in known][:MAX_IGNORED_NOTED]
+            model._ignored = unknown
+        return model
+
+    def ignored_fields(self) -> list[str]:
+        """Dotted names of the fields this request sent and the server ignored."""
+        out = list(self._ignored)
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            items = value if isinstance(value, list) else [value]
+            for item in items:
+                if isinstance(item, _Request):
+                    suffix = "[]" if isinstance(value, list) else ""
+                    out += [f"{name}{suffix}.{sub}" for sub in item.ignored_fields()]
+        return list(dict.fromkeys(out))[:MAX_IGNORED_NOTED]
+
+
+def _integral(value: Any) -> Any:
+    """JSON Schema's integer admits 5.0: take a whole float as the integer it is."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+# Integer fields, strict otherwise ("5" and true stay errors). The bounds go before the
+# validator so that the OpenAPI document states them as minimum/maximum.
+_WHOLE = BeforeValidator(_integral)
+MaxTokensInt = Annotated[int, Field(ge=1), _WHOLE]
+SeedInt = Annotated[int, Field(ge=0, le=2**53), _WHOLE]
+TopKInt = Annotated[int, Field(ge=-1, le=100_000), _WHOLE]
+OnlyOne = Annotated[int, Field(ge=1, le=1), _WHOLE]
+OnlyZero = Annotated[int, Field(ge=0, le=0), _WHOLE]
+TokenId = Annotated[int, Field(ge=0, le=2**31 - 1), _WHOLE]
+
+MAX_STOP_CHARS = 256
+MAX_PROMPTS = 32
 
 Temperature = Field(None, ge=0.0, le=2.0, description="0 is greedy; default: the model's")
 TopP = Field(None, gt=0.0, le=1.0)
-TopK = Field(None, ge=-1, le=100_000, description="-1 or 0: off")
+TopK = Field(None, description="-1 or 0: off")
 RepetitionPenalty = Field(None, gt=0.0, le=2.0)
-MaxTokens = Field(None, ge=1, description="Capped by the server's ASOBA_MAX_NEW_TOKENS")
-Stop = Field(None, description="Up to 4 sequences where generation stops (not returned)")
-Seed = Field(None, ge=0, le=2**63 - 1)
+MaxTokens = Field(None, description="Capped by the server's ASOBA_MAX_NEW_TOKENS")
+StopText = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
+Stop = Field(
+    None,
+    description=f"Up to 4 sequences of at most {MAX_STOP_CHARS} characters where generation "
+    "stops (not returned)",
+)
+StopField = StopText | Annotated[list[StopText], Field(max_length=4)] | None
+# 2**53: the largest integer a JSON number carries exactly (an int64 bound reads back rounded).
+Seed = Field(None)
+PromptText = Annotated[str, Field(min_length=1)]
+TokenIds = Annotated[list[TokenId], Field(min_length=1)]
 
 
 # --- /generate (the monitor/MCP format) --------------------------------------------------------
@@ -51,11 +120,11 @@ Seed = Field(None, ge=0, le=2**63 - 1)
 
 class GenerateRequest(_Request):
     prompt: str = Field(..., min_length=1)
-    max_tokens: int | None = MaxTokens
+    max_tokens: MaxTokensInt | None = MaxTokens
     temperature: float | None = Temperature
     top_p: float | None = TopP
-    stop: str | list[str] | None = Stop
-    seed: int | None = Seed
+    stop: StopField = Stop
+    seed: SeedInt | None = Seed
 
 
 class GenerateChoice(BaseModel):
@@ -76,34 +145,45 @@ class GenerateResponse(BaseModel):
 
 class StreamOptions(_Request):
     include_usage: bool = False
+    continuous_usage_stats: bool = Field(False, description="usage in every chunk (vLLM's)")
 
 
 class _SamplingFields(_Request):
     model: str | None = Field(None, description="Must be the served model's id if given")
-    max_tokens: int | None = MaxTokens
+    max_tokens: MaxTokensInt | None = MaxTokens
     temperature: float | None = Temperature
     top_p: float | None = TopP
-    top_k: int | None = TopK
+    top_k: TopKInt | None = TopK
     repetition_penalty: float | None = RepetitionPenalty
-    stop: str | list[str] | None = Stop
-    seed: int | None = Seed
+    stop: StopField = Stop
+    seed: SeedInt | None = Seed
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
     user: str | None = None
-    # Declared so that OpenAI clients sending the defaults work; other values are refused.
-    n: int = Field(1, ge=1, description="Only 1 is supported")
-    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    logit_bias: dict[str, float] | None = None
+    # Declared so that OpenAI clients sending the defaults work; the schema admits only them.
+    n: OnlyOne = Field(1, description="Only 1 is supported")
+    presence_penalty: float | None = Field(None, ge=0.0, le=0.0, description="Only 0")
+    frequency_penalty: float | None = Field(None, ge=0.0, le=0.0, description="Only 0")
+    logit_bias: dict[str, float] | None = Field(None, max_length=0, description="Only {}")
+    min_tokens: OnlyZero = Field(0, description="vLLM's; only 0 is supported")
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[str] = Field(..., description="One prompt (a list of exactly one)")
-    echo: bool = False
-    logprobs: int | None = None
-    best_of: int | None = None
-    suffix: str | None = None
+    prompt: (
+        PromptText
+        | Annotated[list[PromptText], Field(min_length=1, max_length=MAX_PROMPTS)]
+        | TokenIds
+        | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]
+    ) = Field(
+        ...,
+        description=f"A prompt, a list of up to {MAX_PROMPTS} prompts, token ids, or a list of "
+        "token-id prompts: one choice per prompt",
+    )
+    echo: Literal[False] = Field(False, description="Only false is supported")
+    logprobs: None = Field(None, description="Not supported")
+    best_of: OnlyOne | None = Field(None, description="Only 1")
+    suffix: None = Field(None, description="Not supported")
 
 
 class CompletionChoice(BaseModel):
@@ -125,32 +205,43 @@ class CompletionResponse(BaseModel):
 # --- /v1/chat/completions ----------------------------------------------------------------------
 
 
-class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="allow", strict=True)
-
-    type: str
-    text: str | None = None
+class ContentPart(_Request):
+    type: Literal["text"] = Field(description="Only text parts are supported")
+    text: str
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+class ChatMessage(_Request):
+    role: Literal["system", "developer", "user", "assistant"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
-    tool_call_id: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: None = Field(None, description="Not supported")
     reasoning_content: str | None = None
 
 
+class ToolMessage(_Request):
+    """The answer to a tool call: its content and the id of the call it answers."""
+
+    role: Literal["tool"]
+    content: str | list[ContentPart]
+    tool_call_id: str = Field(min_length=1)
+    name: str | None = None
+
+
+Message = Annotated[ChatMessage | ToolMessage, Field(discriminator="role")]
+
+
+class ResponseFormat(_Request):
+    type: Literal["text"] = Field(description="Only 'text' is supported")
+
+
 class ChatCompletionRequest(_SamplingFields):
-    messages: list[ChatMessage] = Field(..., min_length=1)
-    max_completion_tokens: int | None = MaxTokens
-    logprobs: bool = False
-    top_logprobs: int | None = None
-    response_format: dict[str, Any] | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    messages: list[Message] = Field(..., min_length=1)
+    max_completion_tokens: MaxTokensInt | None = MaxTokens
+    logprobs: Literal[False] = Field(False, description="Only false is supported")
+    top_logprobs: OnlyZero | None = Field(None, description="Only 0")
+    response_format: ResponseFormat | None = None
+    tools: list[dict[str, Any]] | None = Field(None, max_length=0, description="Not supported")
+    tool_choice: Literal["none", "auto"] | None = None
     parallel_tool_calls: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = Field(
         None, description="Passed to the chat template, e.g. {'enable_thinking': false}"

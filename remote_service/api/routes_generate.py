@@ -9,7 +9,7 @@ from remote_service.api.protocol import ErrorResponse, GenerateRequest, Generate
 from remote_service.api.serving import Serving
 
 ERRORS: dict[int | str, dict[str, object]] = {
-    code: {"model": ErrorResponse} for code in (400, 401, 404, 429, 503)
+    code: {"model": ErrorResponse} for code in (400, 401, 404, 408, 413, 429, 503)
 }
 
 router = APIRouter(dependencies=[Depends(require_api_key)], responses=ERRORS)

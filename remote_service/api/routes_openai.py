@@ -11,6 +11,7 @@ from remote_service.api.protocol import (
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
+    ErrorResponse,
     ModelCard,
     ModelList,
 )
@@ -26,12 +27,30 @@ _STREAM_DOC: dict[int | str, dict[str, object]] = {
 
 @router.get("/models", response_model=ModelList, tags=["openai"])
 async def list_models(request: Request, serving: Serving = Depends(get_serving)) -> ModelList:  # noqa: B008
-    card = ModelCard(
+    return ModelList(data=[_card(request, serving)])
+
+
+def _card(request: Request, serving: Serving) -> ModelCard:
+    return ModelCard(
         id=serving.model_name,
         created=int(request.app.state.started_at),
         max_model_len=serving.engine.info.max_model_len,
     )
-    return ModelList(data=[card])
+
+
+@router.get(
+    "/models/{model_id:path}",
+    response_model=ModelCard,
+    tags=["openai"],
+    responses={404: {"model": ErrorResponse, "description": "No such model"}},
+)
+async def get_model(
+    model_id: str,
+    request: Request,
+    serving: Serving = Depends(get_serving),  # noqa: B008
+) -> ModelCard:
+    serving.check_model(model_id)
+    return _card(request, serving)
 
 
 @router.post(

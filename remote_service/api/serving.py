@@ -8,9 +8,12 @@ only moves bytes.
 from __future__ import annotations
 
 import asyncio
+import logging
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -36,6 +39,7 @@ from remote_service.api.protocol import (
     GenerateRequest,
     GenerateResponse,
     Usage,
+    _Request,
 )
 from remote_service.api.reasoning import ThinkSplitter, split_reasoning
 from remote_service.engine.base import (
@@ -49,9 +53,15 @@ from remote_service.engine.base import (
     GenerationResult,
     SamplingParams,
 )
+from remote_service.http_guard import IGNORED_KEY
+from remote_service.log_filters import printable
 from remote_service.settings import Settings
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
+_MAX_IGNORED_LOGGED = 1000  # names remembered as logged (a client chooses them: bounded)
+_ignored_logged: set[str] = set()
+_ignored_lock = threading.Lock()
 MAX_STOP_SEQUENCES = 4
 LOG_KEY = "asoba.log"  # scope key the access log reads per-request details from
 _DISCONNECT_POLL_S = 0.25
@@ -97,6 +107,30 @@ class Serving:
                 param="model",
                 code="model_not_found",
             )
+
+    def note_ignored(self, body: _Request, request: Request) -> None:
+        """Name the fields this request sent that the server ignores: in the answer's
+        ``x-ignored-fields`` header, and once per name in the log."""
+        names = [n[:64] for n in body.ignored_fields()]
+        if not names:
+            return
+        request.scope[IGNORED_KEY] = names
+        with _ignored_lock:
+            new = [n for n in names if n not in _ignored_logged]
+            if len(_ignored_logged) < _MAX_IGNORED_LOGGED:
+                _ignored_logged.update(new)
+        for name in new:
+            log.warning("ignoring unknown request field %s (logged once)", printable(repr(name)))
+
+    def check_ids(self, ids: list[int]) -> list[int]:
+        vocab = self.engine.info.vocab_size
+        if vocab is not None:
+            bad = next((i for i in ids if i >= vocab), None)
+            if bad is not None:
+                raise APIError(
+                    400, f"token id {bad} is outside the vocabulary (size {vocab})", param="prompt"
+                )
+        return list(ids)
 
     async def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
         if not text:
@@ -176,25 +210,44 @@ class Serving:
 
     async def run(self, request: Request, req: GenerationRequest) -> GenerationResult:
         """Generate without streaming; a client that disconnects cancels the work."""
+        (result,) = await self.run_all(request, [req])
+        return result
+
+    async def run_all(
+        self, request: Request, reqs: list[GenerationRequest]
+    ) -> list[GenerationResult]:
+        """Generate several requests side by side in the batch; the first failure (or the
+        client leaving) cancels the rest."""
         started = time.perf_counter()
         try:
-            result = await until_disconnect(request, self.engine.generate(req))
+            results = await until_disconnect(
+                request, _all_or_none([self.engine.generate(r) for r in reqs])
+            )
         except EngineError as exc:
             raise from_engine_error(exc) from exc
         log_details(request).update(
-            id=req.request_id,
-            prompt_tokens=result.prompt_tokens,
-            completion_tokens=result.completion_tokens,
-            finish=result.finish_reason,
+            id=reqs[0].request_id,
+            prompt_tokens=sum(r.prompt_tokens for r in results),
+            completion_tokens=sum(r.completion_tokens for r in results),
+            finish=",".join(dict.fromkeys(r.finish_reason for r in results)),
             gen_ms=round((time.perf_counter() - started) * 1000, 1),
         )
-        return result
+        return results
 
     async def open_stream(self, req: GenerationRequest) -> DeltaIterator:
+        (stream,) = await self.open_streams([req])
+        return stream
+
+    async def open_streams(self, reqs: list[GenerationRequest]) -> list[DeltaIterator]:
+        opened: list[DeltaIterator] = []
         try:
-            return await self.engine.stream(req)
+            for req in reqs:
+                opened.append(await self.engine.stream(req))
         except EngineError as exc:
+            for stream in opened:
+                stream.close()
             raise from_engine_error(exc) from exc
+        return opened
 
     # --- /generate -----------------------------------------------------------------------
 
@@ -226,68 +279,70 @@ class Serving:
         self, body: CompletionRequest, request: Request
     ) -> CompletionResponse | StreamingResponse:
         self.check_model(body.model)
-        _reject_common(body)
-        for name, value, default in (
-            ("echo", body.echo, False),
-            ("logprobs", body.logprobs, None),
-            ("suffix", body.suffix, None),
-        ):
-            if value != default:
-                raise APIError(400, f"{name} is not supported by this server", param=name)
-        if body.best_of not in (None, 1):
-            raise APIError(400, "best_of must be 1", param="best_of")
-        prompt = body.prompt
-        if isinstance(prompt, list):
-            if len(prompt) != 1:
-                raise APIError(400, "send exactly one prompt per request", param="prompt")
-            prompt = prompt[0]
+        self.note_ignored(body, request)
+        prompts = _prompts(body.prompt)
         self.check_ready()
-        ids = await self.encode(prompt, add_special_tokens=True)
-        params = self._params_from(body, len(ids), body.max_tokens)
-        req = GenerationRequest(new_id("cmpl"), ids, params)
+        rid = new_id("cmpl")
+        reqs = []
+        for i, prompt in enumerate(prompts):
+            if isinstance(prompt, str):
+                ids = await self.encode(prompt, add_special_tokens=True)
+            else:
+                ids = self.check_ids(prompt)
+            params = self._params_from(body, len(ids), body.max_tokens)
+            reqs.append(GenerationRequest(rid if i == 0 else f"{rid}-{i}", ids, params))
         created = int(time.time())
         if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            deltas = await self.open_stream(req)
-            return _sse(
-                self._completion_events(req, deltas, created, include_usage, request), request
-            )
-        result = await self.run(request, req)
+            usage = _UsageOptions.of(body)
+            streams = await self.open_streams(reqs)
+            return _sse(self._completion_events(rid, streams, created, usage, request), request)
+        results = await self.run_all(request, reqs)
         return CompletionResponse(
-            id=req.request_id,
+            id=rid,
             created=created,
             model=self.model_name,
             choices=[
-                CompletionChoice(index=0, text=result.text, finish_reason=result.finish_reason)
+                CompletionChoice(index=i, text=r.text, finish_reason=r.finish_reason)
+                for i, r in enumerate(results)
             ],
-            usage=_usage(result.prompt_tokens, result.completion_tokens),
+            usage=_usage(
+                sum(r.prompt_tokens for r in results), sum(r.completion_tokens for r in results)
+            ),
         )
 
     async def _completion_events(
         self,
-        req: GenerationRequest,
-        deltas: DeltaIterator,
+        rid: str,
+        streams: list[DeltaIterator],
         created: int,
-        include_usage: bool,
+        usage: _UsageOptions,
         request: Request,
     ) -> AsyncIterator[bytes]:
-        base = {"id": req.request_id, "object": "text_completion", "created": created}
+        base = {"id": rid, "object": "text_completion", "created": created}
         base["model"] = self.model_name
-        async for delta in _tracked(deltas, request, req.request_id):
+        counts: dict[int, tuple[int, int]] = {}
+        async for index, delta in _tracked(streams, request, rid):
             if delta.error:
                 yield sse.event(error_body(delta.error, "server_error"))
                 break
+            counts[index] = (delta.prompt_tokens, delta.completion_tokens)
             if delta.text or delta.finish_reason:
                 choice = {
-                    "index": 0,
+                    "index": index,
                     "text": delta.text,
                     "logprobs": None,
                     "finish_reason": delta.finish_reason,
                 }
-                yield sse.event({**base, "choices": [choice]})
-            if delta.finish_reason and include_usage:
-                usage = _usage(delta.prompt_tokens, delta.completion_tokens).model_dump()
-                yield sse.event({**base, "choices": [], "usage": usage})
+                event: dict[str, Any] = {**base, "choices": [choice]}
+                if usage.continuous:
+                    event["usage"] = _usage(*counts[index]).model_dump()
+                yield sse.event(event)
+        else:
+            if usage.final:
+                total = _usage(
+                    sum(p for p, _ in counts.values()), sum(c for _, c in counts.values())
+                )
+                yield sse.event({**base, "choices": [], "usage": total.model_dump()})
         yield sse.DONE
 
     # --- /v1/chat/completions ------------------------------------------------------------
@@ -296,13 +351,13 @@ class Serving:
         self, body: ChatCompletionRequest, request: Request
     ) -> ChatCompletionResponse | StreamingResponse:
         self.check_model(body.model)
-        _reject_common(body)
+        self.note_ignored(body, request)
         _reject_chat(body)
         messages = _template_messages(body)
         self.check_ready()
         try:
             prompt = await asyncio.to_thread(
-                self.engine.render_chat, messages, **(body.chat_template_kwargs or {})
+                self.engine.render_chat, messages, body.chat_template_kwargs or {}
             )
         except ValueError as exc:  # the template refused the conversation
             raise APIError(400, f"cannot apply the chat template: {exc}", param="messages") from exc
@@ -313,10 +368,10 @@ class Serving:
         created = int(time.time())
         split = self.settings.reasoning == "split"
         if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
             deltas = await self.open_stream(req)
             splitter = ThinkSplitter.for_prompt(prompt) if split else None
-            events = self._chat_events(req, deltas, created, include_usage, splitter, request)
+            usage = _UsageOptions.of(body)
+            events = self._chat_events(req, deltas, created, usage, splitter, request)
             return _sse(events, request)
         result = await self.run(request, req)
         reasoning, content = None, result.text
@@ -343,7 +398,7 @@ class Serving:
         req: GenerationRequest,
         deltas: DeltaIterator,
         created: int,
-        include_usage: bool,
+        usage: _UsageOptions,
         splitter: ThinkSplitter | None,
         request: Request,
     ) -> AsyncIterator[bytes]:
@@ -354,12 +409,18 @@ class Serving:
             "model": self.model_name,
         }
 
+        counts = (0, 0)
+
         def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-            return sse.event({**base, "choices": [choice]})
+            event: dict[str, Any] = {**base, "choices": [choice]}
+            if usage.continuous:
+                event["usage"] = _usage(*counts).model_dump()
+            return sse.event(event)
 
         yield chunk({"role": "assistant", "content": ""})
-        async for delta in _tracked(deltas, request, req.request_id):
+        async for _, delta in _tracked([deltas], request, req.request_id):
+            counts = (delta.prompt_tokens, delta.completion_tokens)
             if delta.error:
                 yield sse.event(error_body(delta.error, "server_error"))
                 break
@@ -375,9 +436,9 @@ class Serving:
                 yield chunk({"content": text})
             if delta.finish_reason:
                 yield chunk({}, delta.finish_reason)
-                if include_usage:
-                    usage = _usage(delta.prompt_tokens, delta.completion_tokens).model_dump()
-                    yield sse.event({**base, "choices": [], "usage": usage})
+                if usage.final:
+                    total = _usage(delta.prompt_tokens, delta.completion_tokens).model_dump()
+                    yield sse.event({**base, "choices": [], "usage": total})
         yield sse.DONE
 
     def _params_from(
@@ -410,33 +471,47 @@ def _usage(prompt: int, completion: int) -> Usage:
     )
 
 
-def _reject_common(body: CompletionRequest | ChatCompletionRequest) -> None:
-    if body.n != 1:
-        raise APIError(400, "only n=1 is supported", param="n")
-    for name in ("presence_penalty", "frequency_penalty"):
-        if getattr(body, name) not in (None, 0.0):
-            raise APIError(400, f"{name} is not supported; use repetition_penalty", param=name)
-    if body.logit_bias:
-        raise APIError(400, "logit_bias is not supported", param="logit_bias")
+@dataclass(frozen=True)
+class _UsageOptions:
+    final: bool  # stream_options.include_usage: one usage chunk at the end
+    continuous: bool  # stream_options.continuous_usage_stats (vLLM's): usage in every chunk
+
+    @classmethod
+    def of(cls, body: CompletionRequest | ChatCompletionRequest) -> _UsageOptions:
+        options = body.stream_options
+        if options is None:
+            return cls(False, False)
+        return cls(options.include_usage, options.continuous_usage_stats)
+
+
+def _prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
+    """One prompt per choice: a string, a list of strings, token ids, or lists of them."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if all(isinstance(p, int) for p in prompt):
+        return [list(prompt)]  # type: ignore[arg-type]
+    return list(prompt)  # type: ignore[arg-type]
+
+
+async def _all_or_none(work: list[Awaitable[T]]) -> list[T]:
+    """Await all of ``work`` side by side; the first failure cancels the rest."""
+    tasks = [asyncio.ensure_future(w) for w in work]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            if not task.done():
+                task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _reject_chat(body: ChatCompletionRequest) -> None:
-    if body.logprobs or body.top_logprobs:
-        raise APIError(400, "logprobs are not supported", param="logprobs")
-    if body.tools:
-        raise APIError(400, "tools are not supported by this server", param="tools")
-    if body.tool_choice not in (None, "none", "auto"):
-        raise APIError(400, "tool_choice is not supported", param="tool_choice")
     reserved = sorted(set(body.chat_template_kwargs or {}) & _RESERVED_TEMPLATE_KWARGS)
     if reserved:
         raise APIError(
             400,
             f"chat_template_kwargs may not set {', '.join(reserved)}",
             param="chat_template_kwargs",
-        )
-    if body.response_format and body.response_format.get("type") != "text":
-        raise APIError(
-            400, "only response_format type 'text' is supported", param="response_format"
         )
 
 
@@ -457,6 +532,9 @@ _RESERVED_TEMPLATE_KWARGS = frozenset(
         "tokenizer_kwargs",
         "tools",
         "documents",
+        # the call's own parameters: a template variable by these names cannot be passed
+        "messages",
+        "self",
     }
 )
 
@@ -464,21 +542,10 @@ _RESERVED_TEMPLATE_KWARGS = frozenset(
 def _template_messages(body: ChatCompletionRequest) -> list[dict[str, str]]:
     """Messages as chat templates expect them: role and one content string."""
     out = []
-    for i, msg in enumerate(body.messages):
-        if msg.tool_calls:
-            raise APIError(400, "tool calls are not supported", param=f"messages.{i}.tool_calls")
+    for msg in body.messages:
         content = msg.content
-        if isinstance(content, list):
-            texts = []
-            for j, part in enumerate(content):
-                if part.type != "text" or part.text is None:
-                    raise APIError(
-                        400,
-                        f"content part type '{part.type}' is not supported; only text parts",
-                        param=f"messages.{i}.content.{j}",
-                    )
-                texts.append(part.text)
-            content = "".join(texts)
+        if isinstance(content, list):  # text parts only (the schema admits no others)
+            content = "".join(part.text for part in content)
         role = "system" if msg.role == "developer" else msg.role
         out.append({"role": role, "content": content or ""})
     return out
@@ -500,23 +567,62 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
             await asyncio.gather(task, return_exceptions=True)
 
 
-async def _tracked(deltas: DeltaIterator, request: Request, rid: str) -> AsyncIterator[Delta]:
-    """Iterate ``deltas``, noting timings for the access log; always release the slot."""
+async def _merged(streams: list[DeltaIterator]) -> AsyncIterator[tuple[int, Delta]]:
+    """The deltas of several streams as they come, each with its stream's index."""
+    if len(streams) == 1:
+        async for delta in streams[0]:
+            yield 0, delta
+        return
+    queue: asyncio.Queue[tuple[int, Delta | None]] = asyncio.Queue()
+
+    async def pump(index: int, stream: DeltaIterator) -> None:
+        try:
+            async for delta in stream:
+                await queue.put((index, delta))
+        finally:
+            await queue.put((index, None))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    live = len(tasks)
+    try:
+        while live:
+            index, delta = await queue.get()
+            if delta is None:
+                live -= 1
+            else:
+                yield index, delta
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _tracked(
+    streams: list[DeltaIterator], request: Request, rid: str
+) -> AsyncIterator[tuple[int, Delta]]:
+    """Iterate the streams' deltas, noting timings for the access log; always release the
+    slots."""
     details = log_details(request)
     started = time.perf_counter()
     details["id"] = rid
+    counts: dict[int, tuple[int, int]] = {}
+    finished: dict[int, str] = {}
     try:
-        async for delta in deltas:
+        async for index, delta in _merged(streams):
             if "ttft_ms" not in details and (delta.text or delta.completion_tokens):
                 details["ttft_ms"] = round((time.perf_counter() - started) * 1000, 1)
+            counts[index] = (delta.prompt_tokens, delta.completion_tokens)
             details.update(
-                prompt_tokens=delta.prompt_tokens, completion_tokens=delta.completion_tokens
+                prompt_tokens=sum(p for p, _ in counts.values()),
+                completion_tokens=sum(c for _, c in counts.values()),
             )
             if delta.finish_reason:
-                details["finish"] = delta.finish_reason
-            yield delta
+                finished[index] = delta.finish_reason
+                details["finish"] = ",".join(dict.fromkeys(finished.values()))
+            yield index, delta
     finally:
-        deltas.close()
+        for stream in streams:
+            stream.close()
 
 
 def _sse(events: AsyncIterator[bytes], request: Request) -> StreamingResponse:

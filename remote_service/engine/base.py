@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -112,6 +112,7 @@ class EngineInfo:
     quantization: str = "none"
     max_model_len: int = 2048
     max_num_seqs: int = 1
+    vocab_size: int | None = None  # token ids a prompt may hold are below it (None: any)
     load_time_s: float | None = None
     warmup_time_s: float | None = None
     versions: dict[str, str] = field(default_factory=dict)
@@ -200,7 +201,9 @@ class Engine(ABC):
         """Token ids of ``text`` (thread-safe; call it off the event loop for long inputs)."""
 
     @abstractmethod
-    def render_chat(self, messages: list[dict[str, str]], **template_kwargs: Any) -> str:
+    def render_chat(
+        self, messages: list[dict[str, str]], template_kwargs: Mapping[str, Any] | None = None
+    ) -> str:
         """The prompt text of a conversation, with the generation prompt appended; raises
         ValueError when the chat template refuses the conversation."""
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from remote_service.engine.base import EngineInfo, EngineObserver, GenerationDefaults
@@ -104,5 +104,7 @@ class MockEngine(BatchedEngine):
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         return self._codec.encode(text)
 
-    def render_chat(self, messages: list[dict[str, str]], **template_kwargs: Any) -> str:
+    def render_chat(
+        self, messages: list[dict[str, str]], template_kwargs: Mapping[str, Any] | None = None
+    ) -> str:
         return messages[-1]["content"] if messages else ""

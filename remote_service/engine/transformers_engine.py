@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Mapping
 from typing import Any
 
 from remote_service.engine.base import (
@@ -71,6 +72,7 @@ class TransformersEngine(BatchedEngine):
             quantization=plan.quantization,
             max_model_len=max_model_len,
             max_num_seqs=self.settings.max_num_seqs,
+            vocab_size=min(len(tokenizer), int(model.get_input_embeddings().weight.shape[0])),
             versions={"torch": torch.__version__, "transformers": transformers.__version__},
         )
         return Loaded(runner=runner, eos_ids=eos, info=info, defaults=_defaults(gen))
@@ -86,14 +88,16 @@ class TransformersEngine(BatchedEngine):
             ids = self._tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
         return [int(i) for i in ids]
 
-    def render_chat(self, messages: list[dict[str, str]], **template_kwargs: Any) -> str:
+    def render_chat(
+        self, messages: list[dict[str, str]], template_kwargs: Mapping[str, Any] | None = None
+    ) -> str:
         if self._tokenizer is None:
             raise EngineLoadError("the tokenizer is not loaded yet")
         if not getattr(self._tokenizer, "chat_template", None):
             raise ValueError("this model has no chat template; use /v1/completions")
         try:
             text = self._tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=True, **template_kwargs
+                messages, tokenize=False, add_generation_prompt=True, **dict(template_kwargs or {})
             )
         except Exception as exc:  # jinja's TemplateError, raise_exception() in templates, ...
             raise ValueError(str(exc) or type(exc).__name__) from exc

@@ -159,6 +159,7 @@ def test_full_queue_is_429_with_retry_after() -> None:
         assert r.status_code == 429
         assert r.headers["Retry-After"] == "2"
         assert r.json()["error"]["type"] == "rate_limit_exceeded"
+        assert r.json()["error"]["code"] == "rate_limit_exceeded"
 
 
 @pytest.mark.parametrize(

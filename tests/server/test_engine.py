@@ -212,4 +212,4 @@ def test_a_request_withdrawn_while_queued_frees_its_queue_place() -> None:
 def test_a_chat_template_that_refuses_is_a_value_error(engine: TransformersEngine) -> None:
     template = "{{ raise_exception('Conversation roles must alternate user/assistant') }}"
     with pytest.raises(ValueError, match="roles must alternate"):
-        engine.render_chat([{"role": "user", "content": "hi"}], chat_template=template)
+        engine.render_chat([{"role": "user", "content": "hi"}], {"chat_template": template})

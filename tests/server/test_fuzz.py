@@ -72,3 +72,45 @@ def test_no_server_errors(
 
     check()
     assert seen
+
+
+# Every schemathesis check (the CLI's `--checks all`), with what is left out and why.
+EXCLUDED_CHECKS = {
+    # Stateful checks about resources created and deleted through the API: this API creates
+    # none (they need links between operations, and every operation here is independent).
+    "use_after_free": "no resources are created or deleted",
+    "ensure_resource_availability": "no resources are created or deleted",
+    "object_level_authorization": "one principal: the API key",
+}
+
+
+def _all_checks() -> list[Any]:
+    from schemathesis.checks import CHECKS, load_all_checks
+
+    load_all_checks()
+    return [c for c in CHECKS.get_all() if c.__name__ not in EXCLUDED_CHECKS]
+
+
+@pytest.mark.parametrize(("label", "mode"), CASES)
+def test_answers_conform_to_the_schema(
+    label: str, mode: GenerationMode, operations: dict[str, Any], live_server: ServerProcess
+) -> None:
+    """Status codes, content types, headers and bodies are those the document declares;
+    valid data is accepted and invalid data refused."""
+    headers = {"Authorization": f"Bearer {live_server.api_key}"}
+    checks = _all_checks()
+
+    @settings(
+        max_examples=MAX_EXAMPLES,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(case=operations[label].as_strategy(generation_mode=mode))
+    def check(case: schemathesis.Case) -> None:
+        case.call_and_validate(
+            base_url=live_server.base_url, headers=headers, timeout=60, checks=checks
+        )
+
+    check()

@@ -45,6 +45,10 @@ def test_every_field_is_read_from_its_variable(tmp_path: Path) -> None:
         "ASOBA_WARMUP": "false",
         "ASOBA_LOG_LEVEL": "debug",
         "ASOBA_MOCK_TOKEN_DELAY": "0.1",
+        "ASOBA_MAX_REQUEST_BYTES": "2097152",
+        "ASOBA_REQUEST_TIMEOUT": "12.5",
+        "ASOBA_MAX_CONNECTIONS": "256",
+        "ASOBA_CORS_ORIGINS": "https://a.example, https://b.example",
     }
     assert sorted(env) == sorted(Settings.env_names())
     s = Settings.from_env(env)
@@ -55,6 +59,8 @@ def test_every_field_is_read_from_its_variable(tmp_path: Path) -> None:
     assert s.max_model_len == 8192
     assert s.api_key is not None and s.api_key.get_secret_value() == "sekret"
     assert s.warmup is False
+    assert (s.max_request_bytes, s.request_timeout, s.max_connections) == (2097152, 12.5, 256)
+    assert s.cors_origin_list == ["https://a.example", "https://b.example"]
     assert "sekret" not in repr(s)
     assert s.public_dict()["api_key_set"] is True
     assert "api_key" not in s.public_dict()

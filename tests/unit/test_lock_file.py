@@ -138,3 +138,20 @@ def test_a_different_lock_is_a_different_venv(tmp_path: Path) -> None:
     lock.write_text(lock.read_text().replace("click==", "click==0.0.0+x", 1))
     assert code_id(tmp_path) != before
     assert lock_hash(lock) != before_lock
+
+
+def test_a_dev_tool_change_leaves_the_server_view_alone(checkout: Path) -> None:
+    """The hosts' lock (and so their venvs) moves only when what the server needs moves."""
+    sys.path.insert(0, str(checkout / "scripts"))
+    try:
+        import lock as lock_script  # type: ignore[import-not-found]
+    finally:
+        sys.path.pop(0)
+    pyproject = tomllib.loads((checkout / "pyproject.toml").read_text())
+    server_before = lock_script.input_hash(pyproject, "server.txt")
+    dev_before = lock_script.input_hash(pyproject, "dev.txt")
+    pyproject["project"]["optional-dependencies"]["dev"].append("x")
+    assert lock_script.input_hash(pyproject, "server.txt") == server_before
+    assert lock_script.input_hash(pyproject, "dev.txt") != dev_before
+    pyproject["project"]["optional-dependencies"]["server"].append("y")
+    assert lock_script.input_hash(pyproject, "server.txt") != server_before
