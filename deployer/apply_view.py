@@ -6,7 +6,9 @@ import time
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from .apply import ApplyResult
 from .operations import ServiceStatus
@@ -44,7 +46,8 @@ class ConsoleReporter:
         self.console.print(f"  {message}", markup=False, highlight=False)
 
     def warn(self, message: str) -> None:
-        self.console.print(f"  [yellow]warning:[/] {message}")
+        # Host and S3 text (an object key like `weights/[/]x`) is never read as markup.
+        self.console.print(f"  [yellow]warning:[/] {escape(message)}")
 
     def pull(self, event: PullEvent) -> None:
         if isinstance(event, PullStarted):
@@ -70,7 +73,7 @@ class ConsoleReporter:
         elif isinstance(event, PullWarning):
             self.warn(event.message)
         elif isinstance(event, PullResult):
-            self.console.print(f"  {event.status}: {event.path}", highlight=False)
+            self.console.print(f"  {event.status}: {event.path}", markup=False, highlight=False)
 
     def health(self, event: dict[str, Any]) -> None:
         kind = event.get("event")
@@ -78,6 +81,7 @@ class ConsoleReporter:
             self.console.print(
                 f"  waiting for health: unit {event.get('unit_state')}, "
                 f"health {event.get('health')}, {event.get('elapsed_s')}s",
+                markup=False,
                 highlight=False,
             )
         elif kind == "ready":
@@ -107,6 +111,9 @@ def apply_json(result: ApplyResult) -> dict[str, Any]:
         "status": result.status,
         "fetched_bytes": result.pulled.fetched_bytes if result.pulled else None,
     }
+
+
+_STYLED_ROWS = frozenset({"health", "lock"})
 
 
 def render_status(status: ServiceStatus, console: Console) -> None:
@@ -145,7 +152,8 @@ def render_status(status: ServiceStatus, console: Console) -> None:
     if not status.gpu:
         rows.append(("GPU", "none found"))
     if status.lock:
-        rows.append(("lock", f"[yellow]{status.lock}[/]"))
+        rows.append(("lock", f"[yellow]{escape(status.lock)}[/]"))
     for key, value in rows:
-        table.add_row(key, value)
+        # Values come from the host: plain text, except the styles this function adds.
+        table.add_row(key, value if key in _STYLED_ROWS else Text(value))
     console.print(table)

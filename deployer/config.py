@@ -15,6 +15,7 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -170,6 +171,22 @@ class InstallConfig(_Section):
     @classmethod
     def _wheelhouse(cls, value: str | None) -> str | None:
         return None if value is None else _abs_posix(value)
+
+    @field_validator("index_url")
+    @classmethod
+    def _index_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("https", "http", "file") or not (parts.netloc or parts.path):
+            raise ValueError("must be an http(s):// or file:// URL")
+        if parts.username is not None or parts.password is not None:
+            # It would reach pip's command line under sudo: auth.log and `ps` on the host.
+            raise ValueError(
+                "must not carry credentials; "
+                "put them in the host's /etc/pip.conf or root's ~/.netrc"
+            )
+        return value
 
 
 class Settings(_Section):

@@ -147,13 +147,18 @@ class SSHHost:
         if host.key_file is not None:
             connect_kwargs["key_filename"] = str(host.key_file)
             connect_kwargs["allow_agent"] = False
-        # load_ssh_configs=False: never let the operator's ~/.ssh/config change what we verify.
+        # Nothing from the operator's machine changes what we connect to or allow:
+        # load_ssh_configs=False ignores ~/.ssh/config, lazy=True loads no Fabric/Invoke config
+        # file (/etc/fabric.yaml, ~/.fabric.yaml: `forward_agent: true` there would hand the
+        # host the operator's agent), and agent forwarding is off explicitly.
         config = Config(
+            lazy=True,
             overrides={
                 "load_ssh_configs": False,
+                "forward_agent": False,
                 "run": {"echo": False},
                 "runners": {"remote": _ChunkedStdinRemote},
-            }
+            },
         )
         self._conn = Connection(
             host.address,
@@ -162,6 +167,7 @@ class SSHHost:
             config=config,
             connect_timeout=int(host.connect_timeout),
             connect_kwargs=connect_kwargs,
+            forward_agent=False,
         )
         client = paramiko.SSHClient()
         if self.known_hosts.is_file():

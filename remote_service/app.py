@@ -121,6 +121,10 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         version=__version__,
         description="LLM inference: /generate, OpenAI-compatible /v1, /health, /status, /metrics",
         lifespan=lifespan,
+        # The API's own description is for developers: served only when asked for.
+        docs_url="/docs" if settings.api_docs else None,
+        redoc_url="/redoc" if settings.api_docs else None,
+        openapi_url="/openapi.json" if settings.api_docs else None,
     )
     app.state.settings = settings
     app.state.engine = engine

@@ -71,6 +71,9 @@ class Settings(BaseModel):
     max_connections: int = Field(
         1024, ge=1, le=60_000, description="Open connections; 503 with Retry-After beyond"
     )
+    api_docs: bool = Field(
+        False, description="Serve /docs, /redoc and /openapi.json (off: less to probe)"
+    )
     cors_origins: str | None = Field(
         None, description="Comma-separated origins allowed by CORS ('*': any); default: none"
     )

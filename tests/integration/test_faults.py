@@ -423,4 +423,5 @@ def test_the_installed_unit_is_hardened(host: SandboxHost) -> None:
     assert score <= 2.0, report
     assert host.unit_property(UNIT, "User") == "ubuntu"
     assert host.unit_property(UNIT, "NoNewPrivileges") == "yes"
+    assert host.unit_property(UNIT, "LimitCORE") == "0"
     assert host.unit_property(UNIT, "MemoryMax") not in {"", "infinity"}

@@ -79,6 +79,7 @@ def live_server(demo_model_dir: Path, start_server: StartServer) -> ServerProces
             "ASOBA_MAX_QUEUE": "64",
             "ASOBA_MAX_NEW_TOKENS": "256",
             "ASOBA_DEFAULT_MAX_TOKENS": "32",
+            "ASOBA_API_DOCS": "true",  # the fuzz tests read /openapi.json
         },
         api_key=API_KEY,
     )

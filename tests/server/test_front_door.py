@@ -399,6 +399,13 @@ def test_tool_message_needs_its_call_id(client: httpx.Client) -> None:
     assert response.status_code == 400
 
 
+def test_api_docs_are_off_unless_asked_for(start_server: StartServer) -> None:
+    server = start_server({"ASOBA_BACKEND": "mock"})
+    for path in ("/docs", "/redoc", "/openapi.json"):
+        assert httpx.get(server.base_url + path, timeout=5).status_code == 404, path
+    assert httpx.get(server.base_url + "/health", timeout=5).status_code == 200
+
+
 def test_cors_is_off_unless_configured(client: httpx.Client, start_server: StartServer) -> None:
     preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST"}
     assert (
@@ -460,7 +467,7 @@ def test_openapi_declares_security_only_with_a_key(
 ) -> None:
     keyed = client.get("/openapi.json").json()
     assert keyed["components"]["securitySchemes"]
-    server = start_server({"ASOBA_BACKEND": "mock"})
+    server = start_server({"ASOBA_BACKEND": "mock", "ASOBA_API_DOCS": "true"})
     open_doc = httpx.get(server.base_url + "/openapi.json", timeout=5).json()
     assert "securitySchemes" not in open_doc.get("components", {})
     assert all(

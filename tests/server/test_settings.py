@@ -49,6 +49,7 @@ def test_every_field_is_read_from_its_variable(tmp_path: Path) -> None:
         "ASOBA_REQUEST_TIMEOUT": "12.5",
         "ASOBA_MAX_CONNECTIONS": "256",
         "ASOBA_CORS_ORIGINS": "https://a.example, https://b.example",
+        "ASOBA_API_DOCS": "true",
     }
     assert sorted(env) == sorted(Settings.env_names())
     s = Settings.from_env(env)

@@ -86,3 +86,22 @@ def test_unknown_env_section_suggests(tmp_path: Path) -> None:
 def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read config"):
         load_settings(tmp_path / "missing.toml", environ={})
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["https://user:pw@pypi.example/simple", "https://token@pypi.example/simple"],
+)
+def test_index_url_with_credentials_is_refused(tmp_path: Path, url: str) -> None:
+    """They would reach pip's argv under sudo (auth.log, ps) on the host."""
+    path = write(tmp_path, f'[install]\nindex_url = "{url}"\n')
+    with pytest.raises(ConfigError, match="must not carry credentials") as info:
+        load_settings(path, environ={})
+    assert "pw" not in str(info.value) and "token" not in str(info.value)
+
+
+def test_index_url_must_be_a_url(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="http"):
+        load_settings(write(tmp_path, '[install]\nindex_url = "ftp://x/simple"\n'), environ={})
+    ok = load_settings(write(tmp_path, '[install]\nindex_url = "https://pypi.example/simple"\n'))
+    assert ok.install.index_url == "https://pypi.example/simple"

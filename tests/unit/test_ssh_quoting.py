@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import shlex
+from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from deployer.ssh import remote_command, shell_join
+from deployer.config import HostConfig
+from deployer.ssh import SSHHost, remote_command, shell_join
 
 
 @given(st.lists(st.text(min_size=0, max_size=20), min_size=1, max_size=6))
@@ -32,3 +34,18 @@ def test_env_is_passed_through_env_and_quoted() -> None:
 def test_empty_command_is_refused() -> None:
     with pytest.raises(ValueError, match="empty command"):
         shell_join([])
+
+
+def test_operator_fabric_files_cannot_turn_on_agent_forwarding(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ~/.fabric.yaml (or /etc/fabric.yaml) is not read: no agent forwarding, no other
+    setting of the operator's machine rides into the connection."""
+    (tmp_path / ".fabric.yaml").write_text("forward_agent: true\nuser: someone-else\n")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    host = SSHHost(HostConfig(address="192.0.2.1", user="ubuntu", known_hosts=tmp_path / "kh"))
+    conn = host._conn
+    assert conn.forward_agent is False
+    assert conn.config.forward_agent is False
+    assert conn.user == "ubuntu"
+    assert "someone-else" not in repr(conn.config)

@@ -84,6 +84,8 @@ def test_unit_carries_the_config() -> None:
         "ReadOnlyPaths": "/data/models",
         "InaccessiblePaths": "-/var/lib/md",
         "UMask": "0077",
+        "LimitCORE": "0",
+        "LimitNOFILE": "65536",
     }
     for key, value in expected.items():
         assert d.get(key) == [value], key
