@@ -48,7 +48,14 @@ from .service_code import (
 )
 from .ssh import Executor
 from .steps import Step, StepFailure, run_steps
-from .unit import FileWrite, ServiceEnv, service_env, unit_files, write_file
+from .unit import (
+    FileWrite,
+    ServiceEnv,
+    refuse_foreign_unit,
+    service_env,
+    unit_files,
+    write_file,
+)
 
 HEALTH_SCRIPT = Path(__file__).resolve().parent / "remote" / "wait_healthy.py"
 API_KEY_ENV = "MODEL_DEPLOYER_API_KEY"
@@ -268,6 +275,7 @@ class Deployment:
                 hint="run the deploy again to plan against the host as it is now",
             )
         self.report.step("done", "re-inspect")
+        refuse_foreign_unit(self.executor, self.settings)
 
         bucket = self.settings.s3.bucket or self.catalog.bucket
         self._prepare_dirs()

@@ -17,7 +17,14 @@ from pathlib import Path, PurePosixPath
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .errors import ConfigError
 from .validation import describe, did_you_mean, printable, read_operator_file
@@ -45,6 +52,89 @@ def _abs_posix(value: str) -> str:
     if not path.is_absolute() or ".." in path.parts or not re.fullmatch(r"[A-Za-z0-9._/-]+", value):
         raise ValueError("must be an absolute path of letters, digits, '.', '_', '-' and '/'")
     return str(path)
+
+
+# Directories the tool must never own, re-mode or remove: the system's own, exactly, and
+# anything inside the trees the system keeps for itself (a directory of its own under /tmp is
+# allowed: the tests' hosts use one).
+SYSTEM_DIRS = frozenset(
+    [
+        "/",
+        "/bin",
+        "/boot",
+        "/dev",
+        "/etc",
+        "/home",
+        "/lib",
+        "/lib32",
+        "/lib64",
+        "/libx32",
+        "/media",
+        "/mnt",
+        "/opt",
+        "/proc",
+        "/root",
+        "/run",
+        "/sbin",
+        "/snap",
+        "/srv",
+        "/sys",
+        "/tmp",
+        "/usr",
+        "/usr/bin",
+        "/usr/lib",
+        "/usr/local",
+        "/usr/local/bin",
+        "/usr/local/lib",
+        "/usr/local/sbin",
+        "/usr/sbin",
+        "/usr/share",
+        "/var",
+        "/var/cache",
+        "/var/lib",
+        "/var/log",
+        "/var/mail",
+        "/var/opt",
+        "/var/spool",
+        "/var/tmp",
+    ]
+)
+SYSTEM_TREES = [
+    "/proc",
+    "/sys",
+    "/dev",
+    "/boot",
+    "/etc",
+    "/bin",
+    "/sbin",
+    "/lib",
+    "/lib32",
+    "/lib64",
+    "/libx32",
+    "/run",
+    "/usr/bin",
+    "/usr/sbin",
+    "/usr/lib",
+    "/usr/share",
+    "/var/log",
+]
+
+
+def _not_system(value: str) -> str:
+    parts = PurePosixPath(value).parts
+    inside = any(
+        parts[: len(PurePosixPath(t).parts)] == PurePosixPath(t).parts for t in SYSTEM_TREES
+    )
+    home = len(parts) == 3 and parts[1] == "home"  # a user's home directory itself
+    if value in SYSTEM_DIRS or inside or home:
+        raise ValueError(f"{value} is a system directory; use a directory of its own, like /opt/x")
+    return value
+
+
+def _nested(a: str, b: str) -> bool:
+    pa, pb = PurePosixPath(a).parts, PurePosixPath(b).parts
+    n = min(len(pa), len(pb))
+    return pa[:n] == pb[:n]
 
 
 class HostConfig(_Section):
@@ -101,7 +191,21 @@ class RemoteConfig(_Section):
     @field_validator("service_dir", "models_dir", "state_dir")
     @classmethod
     def _dirs(cls, value: str) -> str:
-        return _abs_posix(value)
+        return _not_system(_abs_posix(value))
+
+    @model_validator(mode="after")
+    def _apart(self) -> RemoteConfig:
+        # Undeploy removes service_dir as a whole: none may hold another.
+        dirs = {"service_dir": self.service_dir, "models_dir": self.models_dir}
+        dirs["state_dir"] = self.state_dir
+        names = list(dirs)
+        for i, a in enumerate(names):
+            for b in names[i + 1 :]:
+                if _nested(dirs[a], dirs[b]):
+                    raise ValueError(f"{a} and {b} must not be the same or inside one another")
+        if self.service_name == self.flux_service:
+            raise ValueError("service_name must not be flux_service")
+        return self
 
     @field_validator("service_name", "flux_service")
     @classmethod

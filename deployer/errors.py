@@ -105,5 +105,12 @@ class LockHeld(DeployError):
     exit_code = 5
 
 
+class ForeignUnit(DeployError):
+    """The configured service name is a unit this tool did not make: never write, stop or
+    remove it."""
+
+    exit_code = 2
+
+
 class HealthCheckTimeout(DeployError):
     pass

@@ -27,6 +27,7 @@ from .unit import (
     DISCOVERY_PROFILE,
     FileWrite,
     env_file_path,
+    refuse_foreign_unit,
     unit_path,
     write_file,
 )
@@ -153,6 +154,7 @@ def undeploy(
     lock.acquire(wait_s=lock_wait_s)
     removed: list[str] = []
     try:
+        refuse_foreign_unit(executor, settings)
         executor.run(commands.stop(unit), sudo=True, check=False)
         executor.run(commands.disable(unit), sudo=True, check=False)
         executor.run(commands.reset_failed(unit), sudo=True, check=False)
@@ -201,6 +203,7 @@ def rollback(
     lock.acquire(wait_s=lock_wait_s)
     started = time.monotonic()
     try:
+        refuse_foreign_unit(executor, settings)
         current = releases.current()
         target = releases.previous()
         if target is None:

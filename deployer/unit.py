@@ -35,6 +35,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
 from . import commands
+from .errors import ForeignUnit
 from .redact import Secret
 
 if TYPE_CHECKING:
@@ -397,6 +398,40 @@ class FileWrite:
 
     def stdin(self) -> str:
         return self.content.reveal() if isinstance(self.content, Secret) else self.content
+
+
+UNIT_MARKER = "rendered by model-deployer"  # in the template's first line
+
+
+def foreign_unit(executor: Executor, settings: Settings) -> str | None:
+    """Why ``remote.service_name`` is not this tool's to write, stop or remove; ``None`` when
+    the unit is ours or does not exist yet. Read-only."""
+    name = settings.remote.service_name
+    shown = executor.run(
+        ["systemctl", "show", "--property=LoadState,FragmentPath", "--", name], check=False
+    )
+    props = dict(line.split("=", 1) for line in shown.stdout.splitlines() if "=" in line)
+    path = unit_path(settings)
+    if props.get("LoadState") == "masked":
+        return f"{name} is masked"
+    fragment = props.get("FragmentPath", "")
+    if fragment and fragment != path:
+        return f"{name} is defined by {fragment}, not by this tool"
+    if executor.run(commands.test_path("-e", path), check=False).ok:
+        text = executor.run(["cat", "--", path], sudo=True, check=False).stdout
+        if UNIT_MARKER not in text:
+            return f"{path} was not written by this tool"
+    return None
+
+
+def refuse_foreign_unit(executor: Executor, settings: Settings) -> None:
+    reason = foreign_unit(executor, settings)
+    if reason:
+        raise ForeignUnit(
+            f"refusing to touch {settings.remote.service_name}: {reason}",
+            hint="set remote.service_name to a unit of this tool's own (default "
+            "asoba-inference.service)",
+        )
 
 
 def unit_files(

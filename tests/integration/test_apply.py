@@ -325,3 +325,22 @@ def test_rollback_puts_the_previous_release_back(
         json.loads(line)["command"] for line in ops(host, "audit", "--json").stdout.splitlines()
     ]
     assert outcomes[-1] == "rollback"
+
+
+def test_a_unit_this_tool_did_not_make_is_never_touched(host: SandboxHost) -> None:
+    """`service_name = ssh.service` in the config: deploy, undeploy and rollback refuse before
+    changing anything, and sshd keeps running (this test talks to the host over it)."""
+    env = {"MODEL_DEPLOYER_REMOTE__SERVICE_NAME": "ssh.service"}
+    before = host.unit_property("ssh.service", "MainPID")
+    for result in (
+        deploy(host, "demo-tiny", env=env),
+        ops(host, "undeploy", env=env),
+        ops(host, "rollback", env=env),
+    ):
+        assert result.returncode == 2, result.stderr
+        assert "refusing to touch ssh.service" in result.stderr
+        assert "defined by /lib/systemd/system/ssh.service" in result.stderr
+    assert host.unit_property("ssh.service", "ActiveState") == "active"
+    assert host.unit_property("ssh.service", "MainPID") == before
+    assert host.ssh("test -e /etc/systemd/system/ssh.service", check=False).returncode == 1
+    assert not lock_left(host)

@@ -372,7 +372,7 @@ def test_script_runs_on_the_system_python(tmp_path: Path) -> None:
     if not Path(exe).is_file():
         pytest.skip("no /usr/bin/python3 here")
     env = block_pynvml(tmp_path / "shim") | install_fake_nvidia_smi(tmp_path / "bin", GPU_CSV)
-    remote = RemoteConfig(models_dir=str(tmp_path), state_dir=str(tmp_path / "state"))
+    remote = RemoteConfig(models_dir=str(tmp_path / "models"), state_dir=str(tmp_path / "state"))
     fake = FakeExecutor().on(is_probe, run_locally(env, python=exe))
     facts = inspect_host(fake, remote)
     assert facts.software.python.startswith("3.")

@@ -297,7 +297,8 @@ def test_systemd_accepts_the_unit(tmp_path: Path) -> None:
     python.parent.mkdir(parents=True)
     python.write_text("#!/bin/sh\n")
     python.chmod(0o755)
-    cfg = settings(service_dir=str(service_dir), models_dir=str(tmp_path))
+    (tmp_path / "models").mkdir()
+    cfg = settings(service_dir=str(service_dir), models_dir=str(tmp_path / "models"))
     path = tmp_path / "asoba-inference.service"
     path.write_text(unit.render_unit(cfg, model_name="demo"))
     verify = subprocess.run(
