@@ -58,7 +58,6 @@ from .unit import (
 )
 
 HEALTH_SCRIPT = Path(__file__).resolve().parent / "remote" / "wait_healthy.py"
-API_KEY_ENV = "MODEL_DEPLOYER_API_KEY"
 
 
 class Reporter(Protocol):
@@ -92,6 +91,8 @@ class ApplyOptions:
     lock_wait_s: float = 0.0
     force_unlock: bool = False
     command: str = "deploy-model"
+    # The service's API key (deployer.auth decides it); None: no key.
+    api_key: str | None = field(default=None, repr=False)
     wheel_cache: Path = field(
         default_factory=lambda: (
             Path(os.environ.get("MODEL_DEPLOYER_CACHE", Path.home() / ".cache" / "model-deployer"))
@@ -235,7 +236,7 @@ class Deployment:
         self.executor = executor
         self.report = reporter or SilentReporter()
         self.options = options or ApplyOptions()
-        self.api_key = os.environ.get(API_KEY_ENV) or None
+        self.api_key = self.options.api_key
         self.started = time.monotonic()
 
     # -- the run ----------------------------------------------------------------------------

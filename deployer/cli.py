@@ -27,6 +27,7 @@ from .errors import DeployError, PlanRefused
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from .auth import Auth
     from .catalog import Catalog
     from .config import Settings
     from .planner import Plan
@@ -102,6 +103,7 @@ def apply_plan(
     lock_wait: float,
     force_unlock: bool,
     as_json: bool,
+    auth: Auth,
 ) -> None:
     """Put ``plan`` on the host (``deployer.apply``): lock, re-check, pull, switch, verify."""
     from .apply import ApplyOptions, Deployment
@@ -119,6 +121,7 @@ def apply_plan(
             lock_wait_s=lock_wait,
             force_unlock=force_unlock,
             command=" ".join(["deploy-model", *sys.argv[1:]]),
+            api_key=auth.key,
         ),
     )
     try:
@@ -130,7 +133,8 @@ def apply_plan(
             console.print(journal, markup=False, highlight=False)
         raise
     if as_json:
-        click.echo(json.dumps({**plan_json(plan), "apply": apply_json(result)}, indent=2))
+        out = {**plan_json(plan), **auth.to_json(), "apply": apply_json(result)}
+        click.echo(json.dumps(out, indent=2))
     else:
         render_result(result, console, address=settings.host.address)
 
@@ -171,6 +175,12 @@ def _console(as_json: bool) -> Console:
     is_flag=True,
     help="Break a host lock whose holder is gone (check `model-deployer status` first).",
 )
+@click.option(
+    "--no-auth",
+    is_flag=True,
+    help="Serve without an API key. Removes the host's key, so it needs --yes as well.",
+)
+@click.option("-y", "--yes", is_flag=True, help="Go ahead with changes that need consent.")
 @debug_option
 def main(
     name: str | None,
@@ -182,6 +192,8 @@ def main(
     trust_new_host_key: bool,
     lock_wait: float,
     force_unlock: bool,
+    no_auth: bool,
+    yes: bool,
     debug: bool,
 ) -> None:
     """Plan (and, without --dry-run, apply) putting model NAME on the GPU host."""
@@ -197,6 +209,8 @@ def main(
             trust_new_host_key,
             lock_wait=lock_wait,
             force_unlock=force_unlock,
+            no_auth=no_auth,
+            yes=yes,
         ),
         debug=debug,
     )
@@ -213,6 +227,8 @@ def _run(
     *,
     lock_wait: float = 0.0,
     force_unlock: bool = False,
+    no_auth: bool = False,
+    yes: bool = False,
 ) -> int:
     from .catalog import load_catalog
     from .config import load_settings
@@ -228,6 +244,7 @@ def _run(
         raise click.UsageError("give a model NAME (or --list)")
     catalog.get(name)  # unknown names fail here, before any connection
 
+    from .auth import decide as decide_auth
     from .plan_view import plan_to_json_text, render_plan
     from .planner import PlanFlags
     from .planning import make_plan, open_host, s3_metadata
@@ -245,10 +262,12 @@ def _run(
             flags=flags,
         )
         plan = result.plan
+        auth = decide_auth(executor, settings, no_auth=no_auth, yes=yes)
         if as_json and (dry_run or not plan.can_apply):
-            click.echo(plan_to_json_text(plan))
+            click.echo(plan_to_json_text(plan, extra=auth.to_json()))
         elif not as_json:
             render_plan(plan, console, dry_run=dry_run)
+            console.print(f"auth: {auth.describe()}", markup=False)
         if not plan.can_apply:
             raise PlanRefused(f"{plan.model}: nothing fits: {plan.refusal_message()}")
         if dry_run:
@@ -262,6 +281,7 @@ def _run(
             lock_wait=lock_wait,
             force_unlock=force_unlock,
             as_json=as_json,
+            auth=auth,
         )
         return 0
     finally:

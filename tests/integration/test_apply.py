@@ -344,3 +344,32 @@ def test_a_unit_this_tool_did_not_make_is_never_touched(host: SandboxHost) -> No
     assert host.unit_property("ssh.service", "MainPID") == before
     assert host.ssh("test -e /etc/systemd/system/ssh.service", check=False).returncode == 1
     assert not lock_left(host)
+
+
+def test_a_redeploy_without_the_key_keeps_the_hosts_key(host: SandboxHost) -> None:
+    """An operator without MODEL_DEPLOYER_API_KEY does not open generation to the network:
+    the host's key is kept (a no-op), and only --no-auth --yes removes it."""
+    key = "sandbox-key-" + os.urandom(6).hex()
+    first = deploy(host, "demo-tiny", "--json", env={"MODEL_DEPLOYER_API_KEY": key})
+    assert first.returncode == 0, first.stderr
+    assert last_json(first.stdout)["auth"] == "on"
+    url = host.url(8001, "/v1/models")
+    assert httpx.get(url, timeout=30).status_code == 401
+
+    again = deploy(host, "demo-tiny", "--json", env={"MODEL_DEPLOYER_API_KEY": ""})
+    assert again.returncode == 0, again.stderr
+    out = last_json(again.stdout)
+    assert (out["auth"], out["auth_source"]) == ("on", "host")
+    assert out["apply"]["outcome"] == "unchanged"
+    assert key not in again.stdout + again.stderr
+    assert httpx.get(url, timeout=30).status_code == 401
+    headers = {"Authorization": f"Bearer {key}"}
+    assert httpx.get(url, headers=headers, timeout=30).status_code == 200
+
+    refused = deploy(host, "demo-tiny", "--no-auth", env={"MODEL_DEPLOYER_API_KEY": ""})
+    assert refused.returncode == 2 and "removes the host's API key" in refused.stderr
+    assert httpx.get(url, timeout=30).status_code == 401
+
+    off = deploy(host, "demo-tiny", "--no-auth", "--yes", env={"MODEL_DEPLOYER_API_KEY": ""})
+    assert off.returncode == 0, off.stderr
+    assert httpx.get(url, timeout=30).status_code == 200  # the deploy waited for health

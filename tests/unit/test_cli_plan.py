@@ -13,7 +13,7 @@ from click.testing import CliRunner, Result
 
 from deployer import cli, planning
 from deployer.catalog import load_catalog
-from deployer.errors import AuthError, ConnectError
+from deployer.errors import AuthError, CommandResult, ConnectError
 from deployer.model_meta import StaticMetadata, meta_from_tensors
 from tests import model_shapes as ms
 from tests.fakes import FakeExecutor, is_probe, probe_answer, probe_json
@@ -32,10 +32,18 @@ class Host:
         self.error: BaseException | None = None
         self.metas = dict(METAS)
         self.executors: list[FakeExecutor] = []
+        self.env_file: str | None = None  # the host's service.env; None: there is none
 
     def open_host(self, settings: Any, *, trust_new_host_key: bool = False) -> FakeExecutor:
         fake = FakeExecutor(target=f"ubuntu@{settings.host.address}:22")
         fake.on(is_probe, self.error or probe_answer(self.facts))
+        env = self.env_file
+        fake.on(
+            ["cat", "--", "/opt/asoba-inference/service.env"],
+            CommandResult("cat", 1, "", "No such file")
+            if env is None
+            else CommandResult("cat", 0, env, ""),
+        )
         self.executors.append(fake)
         return fake
 
@@ -87,7 +95,9 @@ def test_dry_run_renders_the_plan(host: Host) -> None:
         assert text in out, text
     assert result.stderr == ""
     assert len(host.executors) == 1 and host.executors[0].closed
-    assert len(host.executors[0].calls) == 1  # one remote command
+    # The facts in one round trip (the probe), then the env file's API key (sudo: 0600).
+    calls = host.executors[0].calls
+    assert len(calls) == 2 and calls[1].argv == ("cat", "--", "/opt/asoba-inference/service.env")
 
 
 def test_json_plan(host: Host) -> None:
@@ -319,3 +329,43 @@ def test_help_is_fast_and_lists_the_flags() -> None:
     assert result.exit_code == 0
     for flag in ("--dry-run", "--json", "--force-quantize", "--config", "--list", "--debug"):
         assert flag in result.output
+
+
+HOST_ENV = '# Written by model-deployer\nASOBA_PORT="8001"\nASOBA_API_KEY="host-key-123"\n'
+
+
+def test_the_hosts_key_is_kept_when_the_operator_gives_none(
+    host: Host, deployment: type[FakeDeployment]
+) -> None:
+    host.env_file = HOST_ENV
+    result = run("demo-tiny", "--json")
+    assert result.exit_code == 0, result.output
+    assert deployment.calls[0]["options"].api_key == "host-key-123"
+    out = json.loads(result.stdout)
+    assert (out["auth"], out["auth_source"]) == ("on", "host")
+    assert "host-key-123" not in result.output
+
+
+def test_the_operators_key_replaces_the_hosts(host: Host, deployment: type[FakeDeployment]) -> None:
+    host.env_file = HOST_ENV
+    result = run("demo-tiny", env={"MODEL_DEPLOYER_API_KEY": "new-key"})
+    assert result.exit_code == 0, result.output
+    assert deployment.calls[0]["options"].api_key == "new-key"
+    assert "auth: on (the key in MODEL_DEPLOYER_API_KEY)" in result.stdout
+
+
+def test_turning_auth_off_needs_yes(host: Host, deployment: type[FakeDeployment]) -> None:
+    host.env_file = HOST_ENV
+    refused = run("demo-tiny", "--no-auth")
+    assert refused.exit_code == 2 and not deployment.calls
+    assert "removes the host's API key" in refused.stderr
+    done = run("demo-tiny", "--no-auth", "--yes", "--json")
+    assert done.exit_code == 0, done.output
+    assert deployment.calls[0]["options"].api_key is None
+    assert json.loads(done.stdout)["auth_source"] == "removed"
+
+
+def test_no_key_anywhere_stays_off(host: Host, deployment: type[FakeDeployment]) -> None:
+    result = run("demo-tiny", "--dry-run", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["auth"] == "off" and not deployment.calls
