@@ -552,6 +552,9 @@ class Journal:
         self.chunk_size = chunk_size
         self.done: set[int] = set()
         self.verified: dict[str, Any] | None = None
+        # (inode, size, mtime_ns) of the staged file when it was verified: a file that no
+        # longer matches is not trusted, here or at landing.
+        self.verified_stat: list[int] | None = None
 
     @property
     def chunks(self) -> int:
@@ -583,6 +586,8 @@ class Journal:
             journal.done = {int(i) for i in data.get("done", []) if 0 <= int(i) < journal.chunks}
             verified = data.get("verified")
             journal.verified = verified if isinstance(verified, dict) else None
+            stat = data.get("verified_stat")
+            journal.verified_stat = [int(v) for v in stat] if isinstance(stat, list) else None
         except (OSError, ValueError, TypeError, AttributeError):
             return fresh, False
         return journal, True
@@ -595,6 +600,7 @@ class Journal:
             "chunk_size": self.chunk_size,
             "done": sorted(self.done),
             "verified": self.verified,
+            "verified_stat": self.verified_stat,
         }
         tmp = f"{self.path}.tmp"
         with open(tmp, "w", encoding="utf-8") as fh:
@@ -671,6 +677,15 @@ class RateLimiter:
 
 
 # --------------------------------------------------------------------------------- paths
+
+
+def file_identity(path: str) -> list[int] | None:
+    """(inode, size, mtime_ns): what changes when anything writes or replaces the file."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [st.st_ino, st.st_size, st.st_mtime_ns]
 
 
 def fsync_dir(path: str) -> None:
@@ -965,6 +980,14 @@ class Puller:
         ):
             journal.verified = None  # the staged file vanished or was cut: start it over
             journal.done.clear()
+        elif journal.verified is not None and journal.verified_stat != file_identity(dest):
+            self.emit(
+                "warning",
+                message=f"{obj.rel}: the staged file changed after it was verified; "
+                "fetching it anew",
+            )
+            journal.verified = journal.verified_stat = None
+            journal.done.clear()
         state = FileState(obj, dest, journal)
         state.pending = set(range(journal.chunks)) - journal.done
         return state
@@ -1118,6 +1141,7 @@ class Puller:
             check_safetensors(st.dest, st.obj.rel)
         with st.lock:
             st.journal.verified = record
+            st.journal.verified_stat = file_identity(st.dest)
             st.journal.save()
         return record
 
@@ -1157,6 +1181,13 @@ class Puller:
                 if rel not in keep:
                     os.unlink(os.path.join(root, fname))  # no longer in S3: not part of it
         for st in states:
+            if st.journal.verified_stat != file_identity(st.dest):
+                self.discard(st)
+                raise PullError(
+                    "corrupt",
+                    f"{st.obj.rel} changed in staging after it was verified; "
+                    "run the pull again to fetch it anew",
+                )
             fd = os.open(st.dest, os.O_RDONLY)
             try:
                 os.fsync(fd)

@@ -462,3 +462,39 @@ def test_run_pull_through_an_executor(
         run_pull(executor, missing, python=sys.executable)
     assert f"s3://{model.bucket}/models/absent/" in str(info.value)
     assert info.value.hint and "s3_prefix" in info.value.hint
+
+
+def test_a_staged_file_changed_after_verification_is_not_landed(
+    moto: Moto, model: Model, tmp_path: Path
+) -> None:
+    """Tampering with a verified staged file between two runs (same size, other bytes): the
+    resumed pull notices (inode, size, mtime), fetches the file again and lands the original."""
+    proc = subprocess.Popen(
+        _argv(model, tmp_path, "--max-rate", "2M", "--part-size", "256K", "--concurrency", "1"),
+        env=moto.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    verified: str | None = None
+    for line in proc.stdout:
+        event = json.loads(line)
+        assert event["event"] not in ("done", "error"), event
+        if event["event"] == "file":
+            verified = event["path"]
+            break
+    proc.kill()
+    proc.communicate(timeout=10)
+    assert verified is not None
+    (staging,) = staging_dirs(tmp_path)
+    staged = staging / verified
+    original = staged.read_bytes()
+    time.sleep(0.01)  # a later mtime, whatever the filesystem's resolution
+    staged.write_bytes(bytes(b ^ 0xFF for b in original[:16]) + original[16:])
+
+    rc, events = pull(moto, model, tmp_path)
+    assert rc == 0, events
+    warnings = [e["message"] for e in events if e["event"] == "warning"]
+    assert any(f"{verified}: the staged file changed after it was verified" in w for w in warnings)
+    assert_landed(Path(last(events, "done")["path"]), model)
