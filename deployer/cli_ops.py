@@ -158,14 +158,16 @@ def rollback(ctx: _Ctx, lock_wait: float) -> None:
 
 @main.command()
 @click.argument("action", type=click.Choice(["start", "stop", "restart", "status"]))
+@click.option("--lock-wait", default=0.0, type=click.FloatRange(0), help="Seconds to wait.")
 @click.pass_obj
-def flux(ctx: _Ctx, action: str) -> None:
-    """Start, stop or show the resident Flux service."""
+def flux(ctx: _Ctx, action: str, lock_wait: float) -> None:
+    """Start, stop or show the resident Flux service (changes take the host lock)."""
 
     def run(settings: Settings, host: SSHHost) -> None:
         from .operations import flux as do
 
-        click.echo(f"{settings.remote.flux_service}: {do(host, settings, action)}")
+        state = do(host, settings, action, lock_wait_s=lock_wait)
+        click.echo(f"{settings.remote.flux_service}: {state}")
 
     _with_host(ctx, run)
 

@@ -14,13 +14,18 @@ checks the token of what it moved; anything else moved by mistake is put back, s
 remove the fresh lock one of them just took.
 
 Stale locks: when the holder is this same machine and its pid is gone, the lock is taken over
-with a warning. A lock from another machine is never guessed dead: ``force=True`` (the CLI's
-``--force-unlock``) or ``break_lock()`` takes it explicitly.
+with a warning. "This same machine" is a per-machine id (a hash of ``/etc/machine-id``, else
+of a random id kept in the user's config directory), not the hostname: two laptops both called
+``ubuntu`` are two machines. A lock from another machine, or one without a machine id, is
+never guessed dead: ``force=True`` (the CLI's ``--force-unlock``) or ``break_lock()`` (``unlock``)
+takes it explicitly.
 """
 
 from __future__ import annotations
 
+import contextlib
 import getpass
+import hashlib
 import json
 import os
 import socket
@@ -29,6 +34,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import commands
@@ -44,6 +50,33 @@ Warn = Callable[[str], None]
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def local_machine_id() -> str:
+    """This machine's id for lock ownership: a hash (the raw id is not for sharing) of
+    systemd's machine id, else of a random id kept in the user's config directory."""
+    raw = ""
+    for path in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
+        try:
+            raw = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if raw:
+            break
+    if not raw:
+        kept = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+        kept = kept / "model-deployer" / "machine-id"
+        try:
+            raw = kept.read_text().strip()
+        except OSError:
+            raw = ""
+        if not raw:
+            raw = uuid.uuid4().hex
+            with contextlib.suppress(OSError):
+                kept.parent.mkdir(parents=True, exist_ok=True)
+                kept.write_text(raw + "\n")
+                kept.chmod(0o600)
+    return hashlib.sha256(f"model-deployer:{raw}".encode()).hexdigest()[:16]
 
 
 def _pid_alive(pid: int) -> bool:
@@ -66,6 +99,7 @@ class LockInfo:
     since: str
     command: str
     token: str = field(default_factory=lambda: uuid.uuid4().hex)
+    machine_id: str = ""  # local_machine_id() of the holder; "" in locks of older versions
 
     @property
     def holder(self) -> str:
@@ -89,6 +123,7 @@ class LockInfo:
             since=str(data["since"]),
             command=str(data.get("command", "")),
             token=str(data["token"]),
+            machine_id=str(data.get("machine_id", "")),
         )
 
     @classmethod
@@ -98,7 +133,9 @@ class LockInfo:
             user = getpass.getuser()
         except (KeyError, OSError):
             user = str(os.getuid())
-        return cls(user, socket.gethostname(), os.getpid(), _now(), command)
+        return cls(
+            user, socket.gethostname(), os.getpid(), _now(), command, machine_id=local_machine_id()
+        )
 
 
 class HostLock:
@@ -114,7 +151,7 @@ class HostLock:
         sudo: bool = True,
         warn: Warn | None = None,
         pid_alive: Callable[[int], bool] = _pid_alive,
-        machine: str | None = None,
+        machine_id: str | None = None,
     ) -> None:
         self.executor = executor
         self.state_dir = state_dir.rstrip("/") or "/"
@@ -123,7 +160,7 @@ class HostLock:
         self.sudo = sudo
         self.warn = warn or (lambda message: None)
         self.pid_alive = pid_alive
-        self.machine = machine or socket.gethostname()
+        self.machine_id = machine_id or local_machine_id()
         self.held = False
 
     # -- commands --------------------------------------------------------------------------
@@ -240,7 +277,10 @@ class HostLock:
 
     def _stale(self, current: LockInfo) -> bool:
         return (
-            current.machine == self.machine and current.pid > 0 and not self.pid_alive(current.pid)
+            bool(current.machine_id)
+            and current.machine_id == self.machine_id
+            and current.pid > 0
+            and not self.pid_alive(current.pid)
         )
 
     def release(self) -> bool:

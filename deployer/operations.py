@@ -125,10 +125,17 @@ def stream_logs(
     )
 
 
-def flux(executor: Executor, settings: Settings, action: str) -> str:
+def flux(executor: Executor, settings: Settings, action: str, *, lock_wait_s: float = 0.0) -> str:
+    """Start, stop or restart Flux under the host lock (a deploy may be deciding about it);
+    ``status`` only reads."""
     unit = settings.remote.flux_service
     if action in ("start", "stop", "restart"):
-        executor.run(commands.systemctl(action, unit), sudo=True, what=f"{action} {unit}")
+        lock = HostLock(executor, settings.remote.state_dir, command=f"flux {action}")
+        lock.acquire(wait_s=lock_wait_s)
+        try:
+            executor.run(commands.systemctl(action, unit), sudo=True, what=f"{action} {unit}")
+        finally:
+            lock.release()
     result = executor.run(commands.systemctl("is-active", unit), check=False)
     return result.stdout.strip() or "unknown"
 

@@ -127,3 +127,23 @@ def test_undeploy_and_rollback_refuse_a_foreign_unit_before_touching_it(tmp_path
     assert [c.argv for c in units.calls if c.argv[0] == "systemctl"] == [show, show]
     assert sum("lock" in " ".join(c.argv) for c in executor.local.calls) >= 4  # taken, released
     assert not (tmp_path / "state" / "lock").exists()
+
+
+def test_flux_changes_take_the_host_lock(tmp_path: Path) -> None:
+    from deployer.errors import LockHeld
+    from deployer.lock import HostLock, LockInfo
+    from deployer.operations import flux
+
+    s = Settings.model_validate({"remote": {"state_dir": str(tmp_path / "state")}})
+    units = FakeExecutor().on(["systemctl"], "active\n")
+    executor = LockHereUnitsThere(units)
+    other = LockInfo("bob", "box", 1, "now", "deploy-model x", machine_id="id-box")
+    held = HostLock(LocalExecutor(), s.remote.state_dir, info=other, machine_id="id-box")
+    held.acquire()
+    with pytest.raises(LockHeld):
+        flux(executor, s, "stop")  # type: ignore[arg-type]
+    assert flux(executor, s, "status") == "active"  # reading needs no lock
+    assert not any(c.argv[:2] == ("systemctl", "stop") for c in units.calls)
+    held.release()
+    assert flux(executor, s, "stop") == "active"  # type: ignore[arg-type]
+    assert any(c.argv[:2] == ("systemctl", "stop") for c in units.calls)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import threading
@@ -10,12 +11,19 @@ from pathlib import Path
 import pytest
 
 from deployer.errors import LockHeld
-from deployer.lock import HostLock, LockInfo, break_lock, lock_status
+from deployer.lock import HostLock, LockInfo, break_lock, local_machine_id, lock_status
 from tests.local_executor import LocalExecutor
 
 
 def info(machine: str = "laptop", pid: int = 4242, user: str = "alice") -> LockInfo:
-    return LockInfo(user, machine, pid, "2026-01-02T03:04:05+00:00", f"deploy-model m ({machine})")
+    return LockInfo(
+        user,
+        machine,
+        pid,
+        "2026-01-02T03:04:05+00:00",
+        f"deploy-model m ({machine})",
+        machine_id=f"id-{machine}",
+    )
 
 
 def dead_pid() -> int:
@@ -30,7 +38,7 @@ def state(tmp_path: Path) -> Path:
 
 
 def lock(state: Path, who: LockInfo, **kw: object) -> HostLock:
-    return HostLock(LocalExecutor(), str(state), info=who, machine="this-machine", **kw)  # type: ignore[arg-type]
+    return HostLock(LocalExecutor(), str(state), info=who, machine_id="id-this-machine", **kw)  # type: ignore[arg-type]
 
 
 def test_acquire_writes_the_holder_and_release_removes_it(state: Path) -> None:
@@ -190,3 +198,29 @@ def test_context_manager(state: Path) -> None:
     with lock(state, info()) as held:
         assert held.held and (state / "lock").is_dir()
     assert not (state / "lock").exists()
+
+
+def test_same_hostname_on_another_machine_is_not_stale(state: Path) -> None:
+    """Two laptops both called `ubuntu`: the other one's lock is never taken over, even when
+    its pid does not exist here."""
+    theirs = LockInfo("bob", "ubuntu", dead_pid(), "2026-01-02T03:04:05+00:00", "x")
+    theirs = dataclasses.replace(theirs, machine_id="id-their-laptop")
+    HostLock(LocalExecutor(), str(state), info=theirs, machine_id="id-their-laptop").acquire()  # type: ignore[arg-type]
+    mine = dataclasses.replace(theirs, user="alice", pid=1, token="mine", machine_id="id-mine")
+    with pytest.raises(LockHeld):
+        HostLock(LocalExecutor(), str(state), info=mine, machine_id="id-mine").acquire(wait_s=0)  # type: ignore[arg-type]
+
+
+def test_a_lock_without_a_machine_id_is_never_guessed_dead(state: Path) -> None:
+    old = LockInfo("bob", "ubuntu", dead_pid(), "2026-01-02T03:04:05+00:00", "x")
+    assert old.machine_id == ""
+    HostLock(LocalExecutor(), str(state), info=old, machine_id="id-any").acquire()  # type: ignore[arg-type]
+    with pytest.raises(LockHeld):
+        lock(state, info("ubuntu", 1)).acquire(wait_s=0)
+
+
+def test_local_machine_id_is_stable_and_not_the_raw_id() -> None:
+    first, second = local_machine_id(), local_machine_id()
+    assert first == second and len(first) == 16
+    raw = Path("/etc/machine-id").read_text().strip() if Path("/etc/machine-id").exists() else ""
+    assert raw[:16] != first
