@@ -586,6 +586,7 @@ class Deployment:
                 self.settings.remote.state_dir,
                 entry,
                 secrets=[self.api_key] if self.api_key else [],
+                python=self.settings.remote.python,
             )
         except DeployError as exc:
             self.report.warn(f"could not append to the audit log: {exc}")

@@ -1,15 +1,22 @@
 """The host's audit log: one JSON line per deploy-model run that changed (or tried to change)
 the host, in ``<state_dir>/audit.log``.
 
-Lines are appended with ``sudo tee -a`` and the content on stdin, never in argv, after a pass
-through the redactor (API keys, credential-shaped strings and sensitive keys are replaced by
-``[REDACTED]``). Each line is written by one ``write(2)`` on an ``O_APPEND`` file, so lines of
-concurrent writers do not interleave; the log is never rewritten by the deployer.
+Lines go to the host on stdin, never in argv, after a pass through the redactor (API keys,
+credential-shaped strings and sensitive keys are replaced by ``[REDACTED]``). A small script
+run with sudo appends each one under an exclusive ``flock``: it adds ``prev``, the sha256 of the
+line before it (64 zeros for the first), and writes the line in one ``write(2)`` on an
+``O_APPEND`` file. So lines of concurrent writers neither interleave nor fork the chain, and
+``verify`` (``model-deployer audit --verify``) finds any line changed, removed or inserted
+since. Each entry also names the SSH key the operator connected with (``key``, its SHA256
+fingerprint), which the host's sshd vouched for, beside the operator's own ``user@machine``.
+The log is never rewritten by the deployer.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import getpass
+import hashlib
 import json
 import os
 import socket
@@ -52,6 +59,7 @@ class AuditEntry:
     duration_s: float | None = None
     error: str | None = None
     operator: str = field(default_factory=operator_id)
+    key: str | None = None  # SHA256 fingerprint of the SSH key used (filled in by append)
     time: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     details: Mapping[str, Any] = field(default_factory=dict)
 
@@ -76,8 +84,31 @@ def render_line(entry: AuditEntry, *, secrets: Iterable[Secret | str] = ()) -> s
     return line + "\n"
 
 
-def append_argv(state_dir: str) -> list[str]:
-    return ["tee", "-a", "--", audit_path(state_dir)]
+GENESIS = "0" * 64
+
+# Runs on the host (stdlib only): the entry on stdin, the log's path in argv[1]. Under an
+# exclusive flock it reads the last line, chains to it and appends; prints the line written.
+_APPEND = r"""
+import fcntl, hashlib, json, os, sys
+record = json.loads(sys.stdin.read())
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+with os.fdopen(fd, "r+b") as fh:
+    fcntl.flock(fh, fcntl.LOCK_EX)
+    end = fh.seek(0, 2)
+    tail, pos = b"", end
+    while pos > 0 and tail.count(b"\n") < 2:
+        step = min(4096, pos)
+        pos -= step
+        fh.seek(pos)
+        tail = fh.read(step) + tail
+    lines = tail.splitlines(keepends=True)
+    record["prev"] = hashlib.sha256(lines[-1]).hexdigest() if lines else "0" * 64
+    line = json.dumps(record, sort_keys=True, separators=(",", ":")) + "\n"
+    fh.write(line.encode())
+    fh.flush()
+    os.fsync(fh.fileno())
+sys.stdout.write(line)
+"""
 
 
 def append(
@@ -87,12 +118,76 @@ def append(
     *,
     sudo: bool = True,
     secrets: Iterable[Secret | str] = (),
+    python: str = "python3",
 ) -> str:
-    """Append ``entry`` to the host's audit log; returns the line written."""
+    """Append ``entry`` to the host's audit log, chained to the line before; returns the line
+    written."""
+    if entry.key is None:
+        entry = dataclasses.replace(entry, key=getattr(executor, "key_fingerprint", None))
     line = render_line(entry, secrets=secrets)
     executor.run(["mkdir", "-p", "-m", "0755", state_dir], sudo=sudo, what="audit log")
-    executor.run(append_argv(state_dir), sudo=sudo, stdin=line, what="audit log")
-    return line
+    result = executor.run(
+        [python, "-c", _APPEND, audit_path(state_dir)], sudo=sudo, stdin=line, what="audit log"
+    )
+    return str(result.stdout)
+
+
+@dataclass(frozen=True)
+class ChainReport:
+    entries: int  # chained entries checked
+    legacy: int  # entries from before the chain began (no ``prev``)
+    broken_at: int | None = None  # 1-based line number of the first break
+    reason: str = ""
+
+    @property
+    def holds(self) -> bool:
+        return self.broken_at is None
+
+    def describe(self) -> str:
+        if not self.holds:
+            return f"audit chain broken at line {self.broken_at}: {self.reason}"
+        old = f" (and {self.legacy} older entries from before the chain)" if self.legacy else ""
+        return f"audit chain holds: {self.entries} entries{old}"
+
+
+def check_chain(text: str) -> ChainReport:
+    """Check the hash chain of a whole audit log's text."""
+    raw = text.encode().splitlines(keepends=True)
+    legacy = chained = 0
+    previous: bytes | None = None
+    for number, line in enumerate(raw, start=1):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict):
+            if chained:
+                return ChainReport(chained, legacy, number, "not an audit entry")
+            legacy += 1
+            previous = line
+            continue
+        if "prev" not in record:
+            if chained:
+                return ChainReport(chained, legacy, number, "an entry without its chain link")
+            legacy += 1
+            previous = line
+            continue
+        want = hashlib.sha256(previous).hexdigest() if previous is not None else GENESIS
+        if record["prev"] != want:
+            why = "it does not follow the line before it (changed, removed or inserted)"
+            return ChainReport(chained, legacy, number, why)
+        chained += 1
+        previous = line
+    return ChainReport(chained, legacy)
+
+
+def verify(executor: Executor, state_dir: str, *, sudo: bool = True) -> ChainReport:
+    result = executor.run(["cat", "--", audit_path(state_dir)], sudo=sudo, check=False)
+    if not result.ok:
+        if not executor.run(["test", "-e", audit_path(state_dir)], sudo=sudo, check=False).ok:
+            return ChainReport(0, 0)
+        raise RemoteCommandFailed(result, what=f"read {audit_path(state_dir)}")
+    return check_chain(result.stdout)
 
 
 def tail(executor: Executor, state_dir: str, n: int = 20, *, sudo: bool = True) -> list[dict]:

@@ -175,12 +175,25 @@ def flux(ctx: _Ctx, action: str, lock_wait: float) -> None:
 @main.command()
 @click.option("-n", "--lines", default=20, show_default=True, type=click.IntRange(1, 10000))
 @click.option("--json", "as_json", is_flag=True, help="JSON lines on stdout.")
+@click.option(
+    "--verify", is_flag=True, help="Check the log's hash chain (exit 1 when it is broken)."
+)
 @click.pass_obj
-def audit(ctx: _Ctx, lines: int, as_json: bool) -> None:
-    """The last entries of the host's audit log."""
+def audit(ctx: _Ctx, lines: int, as_json: bool, verify: bool) -> None:
+    """The last entries of the host's audit log, or whether its chain holds."""
 
-    def action(settings: Settings, host: SSHHost) -> None:
+    def action(settings: Settings, host: SSHHost) -> int | None:
         from .operations import audit_tail
+
+        if verify:
+            from .audit import verify as check
+
+            report = check(host, settings.remote.state_dir)
+            if as_json:
+                click.echo(json.dumps({"holds": report.holds, **report.__dict__}))
+            else:
+                click.echo(report.describe())
+            return 0 if report.holds else 1
 
         for entry in audit_tail(host, settings, lines):
             if as_json:
@@ -192,6 +205,7 @@ def audit(ctx: _Ctx, lines: int, as_json: bool) -> None:
                     f"{entry.get('outcome', '?')}"
                     + (f"  ({entry['error']})" if entry.get("error") else "")
                 )
+        return None
 
     _with_host(ctx, action)
 

@@ -189,6 +189,7 @@ def undeploy(
             executor,
             remote.state_dir,
             audit.AuditEntry("undeploy", "ok", details={"removed": removed}),
+            python=remote.python,
         )
     finally:
         lock.release()
@@ -314,6 +315,7 @@ def rollback(
                 duration_s=time.monotonic() - started,
                 details={"release": target.number},
             ),
+            python=remote.python,
         )
         return target
     finally:

@@ -180,6 +180,17 @@ class SSHHost:
     def target(self) -> str:
         return f"{self._cfg.user}@{self._cfg.address}:{self._cfg.port}"
 
+    @property
+    def key_fingerprint(self) -> str | None:
+        """The SHA256 fingerprint of the key file this connection logs in with, as
+        ``ssh-keygen -l`` prints it; ``agent`` when the SSH agent offers the key."""
+        if self._cfg.key_file is None:
+            return "agent"
+        try:
+            return str(paramiko.PKey.from_path(self._cfg.key_file).fingerprint)
+        except (OSError, paramiko.SSHException, ValueError):
+            return None
+
     def open(self) -> None:
         if self._conn.is_connected:
             return

@@ -72,6 +72,9 @@ def test_deploy_beside_flux_then_rerun_is_a_noop(host: SandboxHost) -> None:
 
     entries = [json.loads(line) for line in ops(host, "audit", "--json").stdout.splitlines()]
     assert entries[-1]["model"] == "demo-tiny" and entries[-1]["outcome"] == "deployed"
+    assert entries[-1]["key"].startswith("SHA256:")  # the SSH key the deploy logged in with
+    chain = ops(host, "audit", "--verify")
+    assert chain.returncode == 0 and chain.stdout.startswith("audit chain holds:"), chain.stdout
 
     pid_before = host.unit_property(UNIT, "MainPID")
     again = deploy(host, "demo-tiny", "--json")

@@ -44,14 +44,15 @@ def test_append_and_tail(tmp_path: Path) -> None:
         "duration_s": 12.35,
         "operator": "alice@laptop",
         "time": "2026-01-02T03:04:05+00:00",
+        "prev": audit.GENESIS,
     }
     entries = audit.tail(executor, state, 5)
     assert [e["outcome"] for e in entries] == ["ok", "rolled-back"]
     assert audit.tail(executor, state, 1)[0]["error"] == "health timed out"
-    # Appending is `tee -a` with the line on stdin, under sudo.
-    appends = [c for c in executor.calls if c.argv[0] == "tee"]
-    assert appends[0].argv == ("tee", "-a", "--", f"{state}/audit.log") and appends[0].sudo
-    assert appends[0].stdin == lines[0] + "\n"
+    # Appending runs the chaining script under sudo, the line on stdin, the path in argv.
+    appends = [c for c in executor.calls if c.argv[:2] == ("python3", "-c")]
+    assert appends[0].argv[-1] == f"{state}/audit.log" and appends[0].sudo
+    assert json.loads(appends[0].stdin or "") == {k: v for k, v in first.items() if k != "prev"}
 
 
 def test_secrets_never_reach_the_log(tmp_path: Path) -> None:
@@ -107,3 +108,56 @@ def test_long_plans_are_shortened() -> None:
     line = audit.render_line(entry(plan={"steps": ["x" * 100] * 200}))
     assert len(line) <= audit.MAX_LINE + 1
     assert json.loads(line)["plan"].endswith("...")
+
+
+def test_the_chain_holds_and_finds_any_change(tmp_path: Path) -> None:
+    executor = LocalExecutor()
+    state = str(tmp_path)
+    for i in range(4):
+        audit.append(executor, state, entry(outcome=f"run-{i}"))
+    assert audit.verify(executor, state).describe() == "audit chain holds: 4 entries"
+    log = tmp_path / "audit.log"
+    lines = log.read_text().splitlines(keepends=True)
+
+    edited = lines[1].replace("run-1", "run-X")
+    log.write_text("".join([lines[0], edited, *lines[2:]]))
+    report = audit.verify(executor, state)
+    assert not report.holds and report.broken_at == 3  # the line after the edit no longer follows
+
+    log.write_text("".join([lines[0], *lines[2:]]))  # a line removed
+    assert audit.verify(executor, state).broken_at == 2
+
+    forged = json.loads(lines[1])
+    log.write_text("".join([lines[0], json.dumps(forged) + "\n", *lines[1:]]))  # one inserted
+    assert not audit.verify(executor, state).holds
+
+
+def test_older_unchained_entries_are_counted_not_failed(tmp_path: Path) -> None:
+    (tmp_path / "audit.log").write_text('{"command": "old", "outcome": "ok"}\n')
+    executor = LocalExecutor()
+    audit.append(executor, str(tmp_path), entry())
+    report = audit.verify(executor, str(tmp_path))
+    assert report.holds and (report.entries, report.legacy) == (1, 1)
+    assert audit.verify(executor, str(tmp_path / "none")).holds  # no log yet
+
+
+def test_concurrent_appends_keep_one_chain(tmp_path: Path) -> None:
+    executor = LocalExecutor()
+    threads = [
+        threading.Thread(target=audit.append, args=(executor, str(tmp_path), entry(outcome=str(i))))
+        for i in range(8)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    report = audit.verify(executor, str(tmp_path))
+    assert report.holds and report.entries == 8
+
+
+def test_entries_name_the_ssh_key(tmp_path: Path) -> None:
+    class KeyedExecutor(LocalExecutor):
+        key_fingerprint = "SHA256:abc"
+
+    audit.append(KeyedExecutor(), str(tmp_path), entry())
+    assert json.loads((tmp_path / "audit.log").read_text())["key"] == "SHA256:abc"

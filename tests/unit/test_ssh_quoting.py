@@ -49,3 +49,22 @@ def test_operator_fabric_files_cannot_turn_on_agent_forwarding(
     assert conn.config.forward_agent is False
     assert conn.user == "ubuntu"
     assert "someone-else" not in repr(conn.config)
+
+
+def test_key_fingerprint_is_the_one_ssh_keygen_prints(tmp_path: Path) -> None:
+    import shutil
+    import subprocess
+
+    import paramiko
+
+    keygen = shutil.which("ssh-keygen")
+    if keygen is None:
+        pytest.skip("ssh-keygen is not installed")
+    key_file = tmp_path / "id_rsa"
+    paramiko.RSAKey.generate(2048).write_private_key_file(str(key_file))
+    listed = subprocess.run([keygen, "-l", "-f", str(key_file)], capture_output=True, text=True)
+    expected = listed.stdout.split()[1]
+    host = SSHHost(HostConfig(address="192.0.2.1", key_file=key_file, known_hosts=tmp_path / "kh"))
+    assert host.key_fingerprint == expected and expected.startswith("SHA256:")
+    agent = SSHHost(HostConfig(address="192.0.2.1", known_hosts=tmp_path / "kh"))
+    assert agent.key_fingerprint == "agent"
