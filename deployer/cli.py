@@ -49,6 +49,13 @@ trust_new_host_key_option = click.option(
     is_flag=True,
     help="Record the host's SSH key when it is not known yet (never when it changed).",
 )
+yes_option = click.option(
+    "-y",
+    "--yes",
+    is_flag=True,
+    envvar="MODEL_DEPLOYER_YES",
+    help="Go ahead without asking for changes that need consent (also MODEL_DEPLOYER_YES=1).",
+)
 debug_option = click.option(
     "--debug", is_flag=True, help=f"Tracebacks on errors (also {DEBUG_ENV}=1)."
 )
@@ -180,7 +187,7 @@ def _console(as_json: bool) -> Console:
     is_flag=True,
     help="Serve without an API key. Removes the host's key, so it needs --yes as well.",
 )
-@click.option("-y", "--yes", is_flag=True, help="Go ahead with changes that need consent.")
+@yes_option
 @debug_option
 def main(
     name: str | None,
@@ -272,6 +279,13 @@ def _run(
             raise PlanRefused(f"{plan.model}: nothing fits: {plan.refusal_message()}")
         if dry_run:
             return 0
+        from .consent import deploy_changes, require
+
+        require(
+            f"deploying {plan.model}",
+            deploy_changes(plan, settings.remote.flux_service),
+            yes=yes,
+        )
         apply_plan(
             plan,
             settings=settings,

@@ -25,6 +25,7 @@ from .cli import (
     debug_option,
     run_guarded,
     trust_new_host_key_option,
+    yes_option,
 )
 
 if TYPE_CHECKING:
@@ -115,14 +116,22 @@ def logs(ctx: _Ctx, lines: int, follow: bool) -> None:
 
 
 @main.command()
-@click.option("--purge-models", is_flag=True, help="Also delete the downloaded weights.")
+@click.option(
+    "--purge-models",
+    is_flag=True,
+    help="Also delete the model directories this tool's releases downloaded (nothing else).",
+)
 @click.option("--keep-flux-stopped", is_flag=True, help="Do not start Flux again.")
 @click.option("--lock-wait", default=0.0, type=click.FloatRange(0), help="Seconds to wait.")
+@yes_option
 @click.pass_obj
-def undeploy(ctx: _Ctx, purge_models: bool, keep_flux_stopped: bool, lock_wait: float) -> None:
+def undeploy(
+    ctx: _Ctx, purge_models: bool, keep_flux_stopped: bool, lock_wait: float, yes: bool
+) -> None:
     """Stop and remove the inference service (unit, venv, env files); start Flux again."""
 
     def action(settings: Settings, host: SSHHost) -> None:
+        from .consent import require
         from .operations import undeploy as run
 
         result = run(
@@ -131,6 +140,7 @@ def undeploy(ctx: _Ctx, purge_models: bool, keep_flux_stopped: bool, lock_wait: 
             purge_models=purge_models,
             start_flux=not keep_flux_stopped,
             lock_wait_s=lock_wait,
+            confirm=lambda changes: require("undeploy", changes, yes=yes),
         )
         for path in result.removed:
             click.echo(f"removed {path}")
@@ -141,16 +151,24 @@ def undeploy(ctx: _Ctx, purge_models: bool, keep_flux_stopped: bool, lock_wait: 
 
 @main.command()
 @click.option("--lock-wait", default=0.0, type=click.FloatRange(0), help="Seconds to wait.")
+@yes_option
 @click.pass_obj
-def rollback(ctx: _Ctx, lock_wait: float) -> None:
+def rollback(ctx: _Ctx, lock_wait: float, yes: bool) -> None:
     """Put the previous release (unit, env file, venv, weights) back and wait for health."""
 
     def action(settings: Settings, host: SSHHost) -> None:
         from .apply_view import ConsoleReporter
+        from .consent import require
         from .operations import rollback as run
 
         reporter = ConsoleReporter(_console())
-        release = run(host, settings, lock_wait_s=lock_wait, on_health=reporter.health)
+        release = run(
+            host,
+            settings,
+            lock_wait_s=lock_wait,
+            on_health=reporter.health,
+            confirm=lambda changes: require("rollback", changes, yes=yes),
+        )
         click.echo(f"rolled back to {release.summary()}")
 
     _with_host(ctx, action)

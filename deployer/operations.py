@@ -9,6 +9,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import PurePosixPath
 from typing import Any
 
 from . import audit, commands
@@ -33,6 +34,14 @@ from .unit import (
 )
 
 GIB = 1024**3
+#: Shown what an operation will change, before it changes anything; raises to stop it.
+Confirm = Callable[[list[str]], None]
+
+
+def _under_models_dir(path: str, models_dir: str) -> bool:
+    """A recorded model path inside ``models_dir`` (a record is data: never trust it blindly)."""
+    parts, root = PurePosixPath(path).parts, PurePosixPath(models_dir).parts
+    return len(parts) > len(root) + 1 and parts[: len(root)] == root and ".." not in parts
 
 
 @dataclass
@@ -153,8 +162,13 @@ def undeploy(
     purge_models: bool = False,
     start_flux: bool = True,
     lock_wait_s: float = 0.0,
+    confirm: Confirm | None = None,
 ) -> UndeployResult:
-    """Stop and remove our service; start Flux again. Idempotent: nothing deployed is fine."""
+    """Stop and remove our service; start Flux again. Idempotent: nothing deployed is fine.
+
+    ``purge_models`` deletes the model directories the release records name, and only those:
+    other models under ``models_dir`` are not this tool's to delete. ``confirm`` is shown what
+    will change before anything does (it raises to stop)."""
     remote = settings.remote
     unit = remote.service_name
     lock = HostLock(executor, remote.state_dir, command="undeploy")
@@ -162,6 +176,15 @@ def undeploy(
     removed: list[str] = []
     try:
         refuse_foreign_unit(executor, settings)
+        models = sorted(Releases(executor, remote.state_dir).model_paths_in_use())
+        models = [m for m in models if _under_models_dir(m, remote.models_dir)]
+        changes = []
+        if executor.run(commands.test_path("-e", unit_path(settings)), check=False).ok:
+            changes.append(f"stops and removes {unit}")
+        if purge_models and models:
+            changes.append("deletes " + ", ".join(models))
+        if confirm is not None:
+            confirm(changes)
         executor.run(commands.stop(unit), sudo=True, check=False)
         executor.run(commands.disable(unit), sudo=True, check=False)
         executor.run(commands.reset_failed(unit), sudo=True, check=False)
@@ -178,8 +201,20 @@ def undeploy(
         executor.run(commands.remove_tree(remote.service_dir), sudo=True)
         removed.append(remote.service_dir)
         if purge_models:
-            executor.run(commands.remove_tree(remote.models_dir), sudo=True)
-            removed.append(remote.models_dir)
+            for path in models:
+                executor.run(commands.remove_tree(path), sudo=True)
+                removed.append(path)
+                # The model's own directory goes too once nothing but the pull's own
+                # bookkeeping (its lock file, staging) is left in it.
+                parent = path.rsplit("/", 1)[0]
+                others = executor.run(
+                    ["find", parent, "-mindepth", "1", "-maxdepth", "1", "!", "-name",
+                     ".pull.lock", "!", "-name", ".staging-*"],
+                    sudo=True,
+                    check=False,
+                )  # fmt: skip
+                if others.ok and not others.stdout.strip():
+                    executor.run(commands.remove_tree(parent), sudo=True)
         executor.run(commands.daemon_reload(), sudo=True)
         state = "unchanged"
         if start_flux:
@@ -202,6 +237,7 @@ def rollback(
     *,
     lock_wait_s: float = 0.0,
     on_health: Callable[[dict[str, Any]], None] | None = None,
+    confirm: Confirm | None = None,
 ) -> Release:
     """Put the previous release back (its unit, env file, venv and port) and wait for health."""
     remote = settings.remote
@@ -218,6 +254,9 @@ def rollback(
             raise DeployError("no previous release to roll back to")
         if not target.env_file or not target.extra.get("venv"):
             raise DeployError(f"release #{target.number} lacks its env file or venv")
+        if confirm is not None:
+            running = f"{current.model} (release #{current.number})" if current else "the service"
+            confirm([f"replaces {running} with release #{target.number} ({target.model})"])
         env_text = executor.run(["cat", "--", target.env_file], sudo=True).stdout
         facts: HostFacts = inspect_host(executor, remote)
         old_unit = executor.run(["cat", "--", unit_path(settings)], sudo=True, check=False)

@@ -109,6 +109,9 @@ class SandboxHost:
             "AWS_CONFIG_FILE": str(state / "aws" / "config"),
             "AWS_ENDPOINT_URL": s3["endpoint_url"],
             "MODEL_DEPLOYER_CONFIG": str(config_path),
+            # The tests consent to every change on their own sandbox host; the consent tests
+            # take this out.
+            "MODEL_DEPLOYER_YES": "1",
         }
         return cls(
             config_path=config_path,

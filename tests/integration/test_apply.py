@@ -121,15 +121,31 @@ def test_service_venv_holds_exactly_the_lock(host: SandboxHost) -> None:
 
 def test_replace_stops_flux_and_undeploy_restores_it(host: SandboxHost) -> None:
     host.set_flux_gpu_mib(22800)  # Flux leaves too little GPU memory to share
-    done = deploy(host, "demo-tiny", "--json")
+    no_consent = {"MODEL_DEPLOYER_YES": ""}
+    refused = deploy(host, "demo-tiny", env=no_consent)  # no terminal, no --yes
+    assert refused.returncode == 2, refused.stderr
+    assert "stops flux-api.service: not confirmed" in refused.stderr
+    assert host.unit_property(FLUX, "ActiveState") == "active"
+    assert host.unit_property(UNIT, "LoadState") == "not-found"
+
+    done = deploy(host, "demo-tiny", "--json")  # MODEL_DEPLOYER_YES=1 in the tests' env
     assert done.returncode == 0, done.stderr
     plan = last_json(done.stdout)
     assert plan["action"] == "replace" and plan["stop_flux"] and plan["port"] == 8000
     assert host.unit_property(FLUX, "ActiveState") == "inactive"
     assert status(host, 8000)["model"] == "demo-tiny"
 
-    gone = ops(host, "undeploy")
+    kept = ops(host, "undeploy", env=no_consent)
+    assert kept.returncode == 2 and "stops and removes asoba-inference.service" in kept.stderr
+    assert host.unit_property(UNIT, "ActiveState") == "active"
+
+    # A model this tool never deployed, beside ours: purging leaves it alone.
+    host.sudo("install -d /opt/models/someone-else/v1 && touch /opt/models/someone-else/v1/w")
+    ours = host.ssh("ls -d /opt/models/demo-tiny/*").stdout.split()
+    gone = ops(host, "undeploy", "--purge-models", "--yes", env=no_consent)
     assert gone.returncode == 0, gone.stderr
+    assert ours and all(f"removed {path}" in gone.stdout for path in ours)
+    assert host.ssh("ls /opt/models").stdout.split() == ["someone-else"]
     assert host.unit_property(FLUX, "ActiveState") == "active"
     leftovers = host.ssh(
         "ls -d /etc/systemd/system/asoba-inference.service /opt/asoba-inference "

@@ -369,3 +369,35 @@ def test_no_key_anywhere_stays_off(host: Host, deployment: type[FakeDeployment])
     result = run("demo-tiny", "--dry-run", "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["auth"] == "off" and not deployment.calls
+
+
+def test_stopping_flux_needs_consent(host: Host, deployment: type[FakeDeployment]) -> None:
+    """qwen3-14b replaces Flux on the g5: without a terminal and without --yes, nothing runs."""
+    refused = run("qwen3-14b")
+    assert refused.exit_code == 2 and not deployment.calls
+    assert "deploying qwen3-14b stops flux-api.service: not confirmed" in refused.stderr
+    assert run("qwen3-14b", "--yes").exit_code == 0 and len(deployment.calls) == 1
+    assert run("qwen3-14b", env={"MODEL_DEPLOYER_YES": "1"}).exit_code == 0
+    assert len(deployment.calls) == 2
+    assert run("demo-tiny").exit_code == 0  # beside Flux: nothing to consent to
+
+
+def test_consent_on_a_terminal() -> None:
+    from deployer.consent import ConsentRequired, require
+
+    asked: list[str] = []
+
+    def answer(value: bool):  # type: ignore[no-untyped-def]
+        def ask(question: str) -> bool:
+            asked.append(question)
+            return value
+
+        return ask
+
+    require(
+        "undeploy", ["stops and removes x.service"], yes=False, interactive=True, ask=answer(True)
+    )
+    assert asked == ["undeploy stops and removes x.service. Go ahead?"]
+    with pytest.raises(ConsentRequired, match="nothing was changed"):
+        require("undeploy", ["stops x"], yes=False, interactive=True, ask=answer(False))
+    require("undeploy", [], yes=False, interactive=False)  # nothing to consent to
