@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from . import audit, commands
+from . import audit, commands, flux_parking
 from .catalog import Catalog, ModelSpec
 from .config import Settings
 from .errors import DeployError, HealthCheckTimeout, PlanOutdated, PlanRefused
@@ -122,6 +122,7 @@ class HostSnapshot:
     service_active: bool
     flux_active: bool
     deployed: DeploymentState | None = None
+    flux_enabled: bool | None = None
 
     def file(self, path: str) -> str | None:
         return self.files.get(path)
@@ -141,6 +142,7 @@ def snapshot(
         service_active=facts.inference.active,
         flux_active=facts.flux.active,
         deployed=facts.deployed,
+        flux_enabled=flux_parking.is_enabled(executor, settings.remote.flux_service),
     )
 
 
@@ -238,6 +240,7 @@ class Deployment:
         self.options = options or ApplyOptions()
         self.api_key = self.options.api_key
         self.started = time.monotonic()
+        self._before: HostSnapshot | None = None
 
     # -- the run ----------------------------------------------------------------------------
 
@@ -308,6 +311,7 @@ class Deployment:
         env = self._service_env(pulled.path)
         writes = unit_files(self.settings, env)
         before = snapshot(self.executor, self.settings, [w.path for w in writes], facts)
+        self._before = before
         if self._unchanged(writes, before, venv, facts):
             status = self._health(timeout_s=15.0)
             self.report.info("already deployed exactly as planned and healthy: nothing to do")
@@ -478,10 +482,12 @@ class Deployment:
                 ex.run(commands.disable(unit), sudo=True, check=False)
 
         def stop_flux() -> None:
-            ex.run(commands.stop(remote.flux_service), sudo=True)
+            flux_parking.park(
+                ex, remote.flux_service
+            )  # stopped and disabled: a reboot keeps it off
 
         def start_flux() -> None:
-            ex.run(commands.start(remote.flux_service), sudo=True)
+            flux_parking.unpark(ex, remote.flux_service, was_enabled=before.flux_enabled)
             self.report.info(f"{remote.flux_service} started again")
 
         def publish() -> None:
@@ -498,7 +504,7 @@ class Deployment:
             steps.append(
                 Step("bootstrap", bootstrap.script, lambda: self._bootstrap(model_path, venv))
             )
-        if self.plan.stop_flux and before.flux_active:
+        if self.plan.stop_flux and (before.flux_active or before.flux_enabled):
             steps.append(Step("stop-flux", f"stop {remote.flux_service}", stop_flux, start_flux))
         steps.append(Step("start", f"start {unit}", start, stop_new))
         steps.append(Step("wait-healthy", "wait for /health and /status", wait))
@@ -522,6 +528,14 @@ class Deployment:
         error.journal = journal  # type: ignore[attr-defined]
         return error
 
+    def _flux_was_enabled(self) -> bool | None:
+        """Flux's enablement before any deploy of ours parked it (an earlier replace deploy
+        recorded it; else it is what the snapshot found)."""
+        earlier = self._before.deployed if self._before else None
+        if earlier is not None and earlier.flux_stopped:
+            return earlier.flux_was_enabled
+        return self._before.flux_enabled if self._before else None
+
     def _record(self, pulled: PullResult, venv: str, writes: list[FileWrite]) -> Release:
         remote = self.settings.remote
         unit_text = next(w.stdin() for w in writes if w.path.endswith(remote.service_name))
@@ -533,6 +547,7 @@ class Deployment:
             quantization=self.plan.quantization,
             service=remote.service_name,
             flux_stopped=self.plan.stop_flux,
+            flux_was_enabled=self._flux_was_enabled() if self.plan.stop_flux else None,
             deployed_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             plan_id=self.plan.plan_id,
             code_id=code_id(),

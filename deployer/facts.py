@@ -20,7 +20,8 @@ and removes it when it removes the deployment. Format (``DeploymentState``)::
       "port": 8000,
       "quantization": "awq",                # none | awq | bnb-4bit | bnb-8bit
       "service": "asoba-inference.service",
-      "flux_stopped": true,                 # the deploy stopped flux-api.service
+      "flux_stopped": true,                 # the deploy stopped (and disabled) flux-api.service
+      "flux_was_enabled": true,             # ... which was enabled before: undeploy re-enables
       "deployed_at": "2026-11-23T10:42:06Z",
       "plan_id": "3f1c9a0e2b7d4c55",        # Plan.plan_id of the plan that was applied
       "code_id": "9b1e0c4f2a77",            # hash of the service code and its lock (the venv)
@@ -165,6 +166,7 @@ class DeploymentState(BaseModel):
     quantization: str = "none"
     service: str | None = None
     flux_stopped: bool = False
+    flux_was_enabled: bool | None = None  # before this deployment parked Flux (stop_flux)
     deployed_at: str | None = None
     plan_id: str | None = None
     code_id: str | None = None

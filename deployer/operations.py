@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
 
-from . import audit, commands
+from . import audit, commands, flux_parking
 from .apply import restore_file, wait_healthy
 from .config import Settings
 from .errors import DeployError, HealthCheckTimeout
@@ -176,7 +176,10 @@ def undeploy(
     removed: list[str] = []
     try:
         refuse_foreign_unit(executor, settings)
-        models = sorted(Releases(executor, remote.state_dir).model_paths_in_use())
+        releases = Releases(executor, remote.state_dir)
+        running = releases.current()
+        flux_was_enabled = bool(running and running.extra.get("flux_was_enabled"))
+        models = sorted(releases.model_paths_in_use())
         models = [m for m in models if _under_models_dir(m, remote.models_dir)]
         changes = []
         if executor.run(commands.test_path("-e", unit_path(settings)), check=False).ok:
@@ -218,7 +221,8 @@ def undeploy(
         executor.run(commands.daemon_reload(), sudo=True)
         state = "unchanged"
         if start_flux:
-            executor.run(commands.start(remote.flux_service), sudo=True)
+            # Back as it was before a replace deploy parked it: enabled again if it was.
+            flux_parking.unpark(executor, remote.flux_service, was_enabled=flux_was_enabled)
             state = "active"
         audit.append(
             executor,
@@ -300,13 +304,16 @@ def rollback(
             )
 
         steps = [Step("render-unit", "restore the previous unit", install, uninstall)]
-        if flux_must_stop:
+        now_enabled = flux_parking.is_enabled(executor, remote.flux_service)
+        if flux_must_stop or (target.extra.get("flux_stopped") and now_enabled):
             steps.append(
                 Step(
                     "stop-flux",
-                    "stop Flux",
-                    lambda: executor.run(commands.stop(remote.flux_service), sudo=True),
-                    lambda: executor.run(commands.start(remote.flux_service), sudo=True),
+                    "stop and disable Flux",
+                    lambda: flux_parking.park(executor, remote.flux_service),
+                    lambda: flux_parking.unpark(
+                        executor, remote.flux_service, was_enabled=now_enabled, start=True
+                    ),
                 )
             )
         steps.append(
@@ -318,11 +325,14 @@ def rollback(
         )
         steps.append(Step("wait-healthy", "wait for health", wait))
         if not target.extra.get("flux_stopped") and not facts.flux.active:
+            parked_enabled = bool(current and current.extra.get("flux_was_enabled"))
             steps.append(
                 Step(
                     "start-flux",
-                    "start Flux again",
-                    lambda: executor.run(commands.start(remote.flux_service), sudo=True),
+                    "start Flux again (and enable it, if it was)",
+                    lambda: flux_parking.unpark(
+                        executor, remote.flux_service, was_enabled=parked_enabled
+                    ),
                 )
             )
         try:

@@ -133,6 +133,8 @@ def test_replace_stops_flux_and_undeploy_restores_it(host: SandboxHost) -> None:
     plan = last_json(done.stdout)
     assert plan["action"] == "replace" and plan["stop_flux"] and plan["port"] == 8000
     assert host.unit_property(FLUX, "ActiveState") == "inactive"
+    # Parked for the life of the deploy: a reboot must not start it beside our model.
+    assert host.unit_property(FLUX, "UnitFileState") == "disabled"
     assert status(host, 8000)["model"] == "demo-tiny"
 
     kept = ops(host, "undeploy", env=no_consent)
@@ -147,6 +149,7 @@ def test_replace_stops_flux_and_undeploy_restores_it(host: SandboxHost) -> None:
     assert ours and all(f"removed {path}" in gone.stdout for path in ours)
     assert host.ssh("ls /opt/models").stdout.split() == ["someone-else"]
     assert host.unit_property(FLUX, "ActiveState") == "active"
+    assert host.unit_property(FLUX, "UnitFileState") == "enabled"  # as it was before
     leftovers = host.ssh(
         "ls -d /etc/systemd/system/asoba-inference.service /opt/asoba-inference "
         "/var/lib/model-deployer/lock /etc/profile.d/asoba-inference.sh 2>/dev/null; true"

@@ -390,6 +390,28 @@ def test_the_host_reboots_in_the_middle_of_a_deploy(host: SandboxHost, demo_dir:
     assert last_json(again.stdout)["apply"]["outcome"] == "unchanged"
 
 
+@pytest.mark.chaos
+def test_after_a_reboot_only_our_service_runs_in_place_of_flux(
+    host: SandboxHost, demo_dir: Path
+) -> None:
+    """A replace deploy parks Flux (stopped and disabled): the host reboots and only our
+    service comes back; undeploy puts Flux back as it was, enabled and running."""
+    host.set_flux_gpu_mib(22800)
+    done = deploy(host, "demo-tiny", "--json")
+    assert done.returncode == 0, done.stderr
+    assert last_json(done.stdout)["stop_flux"]
+    subprocess.run(REBOOT, shell=True, check=True, timeout=300)
+    upload(host, demo_dir, "models/demo-tiny/")  # the S3 double restarted empty
+    wait_until(lambda: _healthy(host, 8000), timeout=180, what="the service back after boot")
+    assert host.unit_property(UNIT, "ActiveState") == "active"
+    assert host.unit_property(FLUX, "ActiveState") == "inactive"
+    assert host.unit_property(FLUX, "UnitFileState") == "disabled"
+    gone = ops(host, "undeploy")
+    assert gone.returncode == 0, gone.stderr
+    assert host.unit_property(FLUX, "UnitFileState") == "enabled"
+    assert host.unit_property(FLUX, "ActiveState") == "active"
+
+
 def test_the_disk_fills_before_the_pull_and_the_next_run_converges(host: SandboxHost) -> None:
     """The plan saw room; by the time the pull starts another process has filled the disk.
     The pull refuses (it checks and preallocates every file before fetching, so a disk that
