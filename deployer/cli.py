@@ -170,6 +170,14 @@ def _console(as_json: bool) -> Console:
 )
 @config_option
 @click.option("--list", "list_models", is_flag=True, help="List the catalog and exit.")
+@click.option(
+    "--plan",
+    "plan_file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Apply exactly this saved plan (from --dry-run --json); refused when it was edited, "
+    "the code or lock differ, or the host's facts would now decide otherwise.",
+)
 @trust_new_host_key_option
 @click.option(
     "--lock-wait",
@@ -196,6 +204,7 @@ def main(
     force_quantize: str | None,
     config_path: str | None,
     list_models: bool,
+    plan_file: str | None,
     trust_new_host_key: bool,
     lock_wait: float,
     force_unlock: bool,
@@ -218,6 +227,7 @@ def main(
             force_unlock=force_unlock,
             no_auth=no_auth,
             yes=yes,
+            plan_file=plan_file,
         ),
         debug=debug,
     )
@@ -236,6 +246,7 @@ def _run(
     force_unlock: bool = False,
     no_auth: bool = False,
     yes: bool = False,
+    plan_file: str | None = None,
 ) -> int:
     from .catalog import load_catalog
     from .config import load_settings
@@ -247,6 +258,16 @@ def _run(
 
         render_catalog(catalog, _console(False))
         return 0
+    saved = None
+    if plan_file is not None:
+        from .saved_plan import load_saved_plan
+
+        saved = load_saved_plan(plan_file)
+        if name and name != saved.model:
+            raise click.UsageError(f"{plan_file} is a plan for {saved.model}, not {name}")
+        if dry_run:
+            raise click.UsageError("--plan applies a saved plan; --dry-run makes one")
+        name, force_quantize = saved.model, saved.flags.force_quantize
     if not name:
         raise click.UsageError("give a model NAME (or --list)")
     catalog.get(name)  # unknown names fail here, before any connection
@@ -269,6 +290,11 @@ def _run(
             flags=flags,
         )
         plan = result.plan
+        if saved is not None:
+            from .saved_plan import check_saved_plan
+
+            check_saved_plan(saved, plan, result.facts, settings)
+            plan = saved  # exactly the reviewed plan (it decides what the fresh one does)
         auth = decide_auth(executor, settings, no_auth=no_auth, yes=yes)
         if as_json and (dry_run or not plan.can_apply):
             click.echo(plan_to_json_text(plan, extra=auth.to_json()))

@@ -202,6 +202,10 @@ class Plan(_Data):
     facts: FactsDigest
     policy: PolicyConfig
     flags: PlanFlags
+    # The service code and lock the plan was made with (deployer.service_code); a saved plan
+    # applies only with the same ones.
+    code_id: str = ""
+    lock_hash: str = ""
 
     @property
     def can_apply(self) -> bool:
@@ -756,11 +760,51 @@ def _finish(
     return plan.model_copy(update={"plan_id": plan_id(plan)})
 
 
+# What the plan decides, and what it is decided for: the id is a hash of these only, so a plan
+# made again on a host whose free memory drifted (or a minute later) has the same id as long as
+# it decides the same. Measurements (facts, headroom, gb) and the prose are left out.
+DECIDING = (
+    "model",
+    "revision",
+    "target",
+    "action",
+    "stop_flux",
+    "port",
+    "quantization",
+    "weights_model",
+    "gpu_index",
+    "gpu_name",
+    "service",
+    "steps",
+    "policy",
+    "flags",
+    "code_id",
+    "lock_hash",
+)
+
+
 def plan_id(plan: Plan) -> str:
-    """A short hash of the plan's content: the same inputs give the same id."""
-    data = plan.model_dump(mode="json", exclude={"plan_id"})
+    """A short hash of what the plan decides: the same decisions give the same id."""
+    data = plan.model_dump(mode="json", include=set(DECIDING))
     raw = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def with_code(plan: Plan, code_id: str, lock_hash: str) -> Plan:
+    """``plan`` stamped with the code and lock it would deploy, its id recomputed."""
+    stamped = plan.model_copy(update={"code_id": code_id, "lock_hash": lock_hash})
+    return stamped.model_copy(update={"plan_id": plan_id(stamped)})
+
+
+def decision_changes(saved: Plan, fresh: Plan) -> list[str]:
+    """The deciding fields in which ``fresh`` differs from ``saved``, one line each."""
+    a, b = saved.model_dump(mode="json"), fresh.model_dump(mode="json")
+    out = []
+    for key in DECIDING:
+        if a.get(key) != b.get(key):
+            before, after = json.dumps(a.get(key))[:120], json.dumps(b.get(key))[:120]
+            out.append(f"{key}: {before} in the plan, {after} now")
+    return out
 
 
 def rooms_freed_text(facts: HostFacts, room: Headroom) -> str:
@@ -893,9 +937,11 @@ __all__ = [
     "PlanStep",
     "Resources",
     "ServiceSpec",
+    "decision_changes",
     "digest_facts",
     "headroom",
     "plan_deployment",
     "plan_json",
     "port_conflict",
+    "with_code",
 ]

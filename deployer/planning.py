@@ -19,8 +19,9 @@ from .config import Settings
 from .estimate import Estimate, estimate
 from .facts import HostFacts
 from .model_meta import MetadataSource, ModelMeta, S3MetadataReader, make_s3_client
-from .planner import Plan, PlanFlags, plan_deployment
+from .planner import Plan, PlanFlags, plan_deployment, with_code
 from .probe import inspect_host
+from .service_code import code_id, lock_hash
 from .ssh import Executor, SSHHost
 
 
@@ -94,5 +95,6 @@ def make_plan(
     timings["inputs_s"] = time.perf_counter() - started
     estimates = estimates_for(metas, catalog, settings)
     plan = plan_deployment(spec, catalog, estimates, facts, settings, flags)
+    plan = with_code(plan, code_id(), lock_hash())
     timings["total_s"] = time.perf_counter() - started
     return PlanResult(plan=plan, facts=facts, estimates=estimates, metas=metas, timings=timings)

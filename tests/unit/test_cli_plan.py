@@ -401,3 +401,63 @@ def test_consent_on_a_terminal() -> None:
     with pytest.raises(ConsentRequired, match="nothing was changed"):
         require("undeploy", ["stops x"], yes=False, interactive=True, ask=answer(False))
     require("undeploy", [], yes=False, interactive=False)  # nothing to consent to
+
+
+def saved_plan(host: Host, tmp_path: Path, name: str = "demo-tiny") -> Path:
+    result = run(name, "--dry-run", "--json")
+    assert result.exit_code == 0, result.output
+    path = tmp_path / "plan.json"
+    path.write_text(result.stdout)
+    return path
+
+
+def test_a_saved_plan_is_applied_as_it_is(
+    host: Host, deployment: type[FakeDeployment], tmp_path: Path
+) -> None:
+    path = saved_plan(host, tmp_path)
+    shown = json.loads(path.read_text())
+    host.facts = probe_json(flux_gpu_mib=13500)  # drifted, but the decision is the same
+    result = run("--plan", str(path))
+    assert result.exit_code == 0, result.output
+    (call,) = deployment.calls
+    assert call["plan"].plan_id == shown["plan_id"]
+    assert call["plan"].facts.flux_gpu_mib == shown["facts"]["flux_gpu_mib"]  # the saved one
+
+
+def test_a_saved_plan_is_refused_when_the_host_would_decide_otherwise(
+    host: Host, deployment: type[FakeDeployment], tmp_path: Path
+) -> None:
+    path = saved_plan(host, tmp_path)
+    host.facts = probe_json(flux_gpu_mib=22800)  # no room beside Flux any more
+    result = run("--plan", str(path))
+    assert result.exit_code == 4 and not deployment.calls
+    assert 'action: "coexist" in the plan, "replace" now' in result.stderr
+
+
+def test_an_edited_plan_is_refused(
+    host: Host, deployment: type[FakeDeployment], tmp_path: Path
+) -> None:
+    path = saved_plan(host, tmp_path)
+    data = json.loads(path.read_text())
+    data["port"] = 9999
+    path.write_text(json.dumps(data))
+    result = run("--plan", str(path))
+    assert result.exit_code == 2 and not deployment.calls
+    assert "was edited" in result.stderr
+    path.write_text("{not json")
+    assert "not a plan" in run("--plan", str(path)).stderr
+
+
+def test_a_plan_from_other_code_is_refused(
+    host: Host, deployment: type[FakeDeployment], tmp_path: Path
+) -> None:
+    from deployer.planner import Plan, with_code
+
+    path = saved_plan(host, tmp_path)
+    plan = Plan.model_validate(
+        {k: v for k, v in json.loads(path.read_text()).items() if k not in ("auth", "auth_source")}
+    )
+    path.write_text(json.dumps(with_code(plan, "0" * 12, plan.lock_hash).to_json()))
+    result = run("--plan", str(path))
+    assert result.exit_code == 4 and not deployment.calls
+    assert "the code or lock differ" in result.stderr

@@ -12,7 +12,14 @@ from deployer.config import PolicyConfig, Settings
 from deployer.estimate import Estimate
 from deployer.facts import HostFacts
 from deployer.model_meta import ModelMeta, StaticMetadata, meta_from_tensors
-from deployer.planner import Plan, PlanFlags, headroom, plan_deployment, plan_json
+from deployer.planner import (
+    Plan,
+    PlanFlags,
+    decision_changes,
+    headroom,
+    plan_deployment,
+    plan_json,
+)
 from deployer.planning import estimates_for, read_metas, specs_to_read
 from tests import model_shapes as ms
 from tests.fakes import GB, g5_facts, probe_json
@@ -288,7 +295,18 @@ def test_plan_json_has_the_required_keys_and_round_trips() -> None:
 def test_same_facts_same_plan() -> None:
     a, b = plan("qwen3-coder-30b"), plan("qwen3-coder-30b")
     assert a == b and a.plan_id == b.plan_id and len(a.plan_id) == 16
-    assert plan("qwen3-coder-30b", g5_facts(flux_gpu_mib=13000)).plan_id != a.plan_id
+
+
+def test_the_plan_id_is_the_decision_not_the_reading() -> None:
+    """Facts that drift without changing the decision (Flux's share, when they were read)
+    leave the id alone; a different decision is a different id."""
+    a = plan("qwen3-coder-30b")
+    drifted = plan("qwen3-coder-30b", g5_facts(flux_gpu_mib=13000))
+    assert drifted.facts != a.facts and drifted.plan_id == a.plan_id
+    beside, alone = plan("demo-tiny"), plan("demo-tiny", g5_facts(flux_gpu_mib=22800))
+    assert (beside.action, alone.action) == ("coexist", "replace")
+    assert beside.plan_id != alone.plan_id
+    assert decision_changes(beside, alone)[0].startswith('action: "coexist" in the plan')
 
 
 def _moved(**kwargs: Any) -> list[str]:
