@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import traceback
 from collections.abc import Callable
 from typing import TYPE_CHECKING, NoReturn
 
@@ -25,6 +26,7 @@ import click
 from .errors import DeployError, PlanRefused
 
 if TYPE_CHECKING:
+    from click.shell_completion import CompletionItem
     from rich.console import Console
 
     from .auth import Auth
@@ -61,6 +63,28 @@ debug_option = click.option(
 )
 
 
+def complete_model_names(
+    ctx: click.Context, param: click.Parameter, incomplete: str
+) -> list[CompletionItem]:
+    """Shell completion of NAME from the catalog (the one the config names, else the
+    project's); nothing when it cannot be read."""
+    from click.shell_completion import CompletionItem
+
+    try:
+        from .catalog import load_catalog
+        from .config import load_settings
+
+        path = ctx.params.get("config_path")
+        catalog = load_catalog(load_settings(path).catalog)
+    except DeployError:
+        return []
+    return [
+        CompletionItem(name, help=str(spec.tier.value))
+        for name, spec in sorted(catalog.models.items())
+        if name.startswith(incomplete)
+    ]
+
+
 def _debug_wanted(flag: bool) -> bool:
     return flag or os.environ.get(DEBUG_ENV, "").lower() in ("1", "true", "yes")
 
@@ -72,23 +96,32 @@ def _fail(message: str, code: int) -> NoReturn:
     sys.exit(code)
 
 
+EXIT_CODES = (
+    "Exit codes: 0 done (or nothing to do); 1 failed (a deploy rolled back) or unhealthy; "
+    "2 bad input, config or catalog, or a change not confirmed; 3 the host cannot be "
+    "reached or refused the login; 4 nothing fits, or the plan no longer holds; 5 another "
+    "deploy holds the host lock; 130 interrupted."
+)
+
+
 def run_guarded(work: Callable[[], int | None], *, debug: bool) -> NoReturn:
     """The one error boundary of every command: run ``work``, exit with its code; a
     ``DeployError`` is one red line and its exit code, anything else one line and exit 1;
-    tracebacks only with ``debug``."""
+    tracebacks only with ``debug`` (the exit code stays the same)."""
     try:
         code = work() or 0
     except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
         raise
     except DeployError as exc:
         if debug:
-            raise
+            traceback.print_exc()
         _fail(_one_line(exc), exc.exit_code)
     except KeyboardInterrupt:
         _fail("interrupted", 130)
     except Exception as exc:
         if debug:
-            raise
+            traceback.print_exc()
+            _fail(f"unexpected {type(exc).__name__}: {exc}", 1)
         _fail(f"unexpected {type(exc).__name__}: {exc} (rerun with --debug for details)", 1)
     sys.exit(code)
 
@@ -156,8 +189,17 @@ def _console(as_json: bool) -> Console:
     return Console(stderr=as_json, highlight=False, soft_wrap=False)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("name", required=False)
+@click.command(
+    context_settings={"help_option_names": ["-h", "--help"]},
+    epilog="\b\nExamples:\n"
+    "  deploy-model --list\n"
+    "  deploy-model qwen3-14b --dry-run\n"
+    "  deploy-model qwen3-14b --dry-run --json > plan.json\n"
+    "  deploy-model --plan plan.json --yes\n"
+    "  deploy-model qwen3-coder-30b --force-quantize 8bit\n\n" + EXIT_CODES,
+)
+@click.version_option(package_name="model-deployer", prog_name="deploy-model")
+@click.argument("name", required=False, shell_complete=complete_model_names)
 @click.option("--dry-run", is_flag=True, help="Show the plan; change nothing on the host.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON on stdout.")
 @click.option(

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from .cli import (
+    EXIT_CODES,
     _debug_wanted,
     config_option,
     debug_option,
@@ -68,7 +69,15 @@ def _console(stderr: bool = False) -> Any:
     return Console(stderr=stderr, highlight=False)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(
+    context_settings={"help_option_names": ["-h", "--help"]},
+    epilog="\b\nExamples:\n"
+    "  model-deployer status\n"
+    "  model-deployer logs -f\n"
+    "  model-deployer undeploy --purge-models --yes\n"
+    "  model-deployer audit --verify\n\n" + EXIT_CODES,
+)
+@click.version_option(package_name="model-deployer", prog_name="model-deployer")
 @config_option
 @trust_new_host_key_option
 @debug_option

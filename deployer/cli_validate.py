@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import click
 
 from .cli import (
+    EXIT_CODES,
     _debug_wanted,
     config_option,
     debug_option,
@@ -114,7 +115,8 @@ def _options(
     )
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES)
+@click.version_option(package_name="model-deployer", prog_name="validate-components")
 @config_option
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
 @click.option("--only", default=None, help=f"Comma-separated checks to run: {GROUP_HELP}.")

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from .catalog import Catalog, ModelSpec
 from .config import Settings
+from .errors import ConfigError
 from .estimate import Estimate, estimate
 from .facts import HostFacts
 from .model_meta import MetadataSource, ModelMeta, S3MetadataReader, make_s3_client
@@ -35,8 +36,22 @@ class PlanResult:
 
 
 def open_host(settings: Settings, *, trust_new_host_key: bool = False) -> SSHHost:
-    """The real executor: one SSH connection to ``settings.host`` (opened on first use)."""
+    """The real executor: one SSH connection to ``settings.host`` (opened on first use).
+
+    A key file that is missing or readable by others is a config error here, before any
+    connection is tried (ssh would refuse it and the failure would read "cannot reach")."""
     settings.require_host()
+    key = settings.host.key_file
+    if key is not None:
+        if not key.is_file():
+            raise ConfigError(f"host.key_file: {key} does not exist")
+        mode = key.stat().st_mode & 0o777
+        if mode & 0o077:
+            raise ConfigError(
+                f"host.key_file: {key} is mode {mode:04o}; a private key must be readable by "
+                f"its owner only",
+                hint=f"chmod 600 {key}",
+            )
     return SSHHost(settings.host, trust_new_host_key=trust_new_host_key)
 
 

@@ -187,9 +187,9 @@ def test_unexpected_errors_are_one_line_unless_debugging(host: Host) -> None:
         "error: unexpected RuntimeError: kaboom (rerun with --debug for details)"
     )
     debug = run("demo-tiny", "--dry-run", "--debug")
-    assert isinstance(debug.exception, RuntimeError)
+    assert debug.exit_code == 1 and "Traceback" in debug.stderr and "kaboom" in debug.stderr
     env_debug = run("demo-tiny", "--dry-run", env={"MODEL_DEPLOYER_DEBUG": "1"})
-    assert isinstance(env_debug.exception, RuntimeError)
+    assert env_debug.exit_code == 1 and "Traceback" in env_debug.stderr
 
 
 def test_no_host_configured(host: Host, tmp_path: Path) -> None:
@@ -461,3 +461,19 @@ def test_a_plan_from_other_code_is_refused(
     result = run("--plan", str(path))
     assert result.exit_code == 4 and not deployment.calls
     assert "the code or lock differ" in result.stderr
+
+
+def test_debug_keeps_the_exit_code(host: Host, deployment: type[FakeDeployment]) -> None:
+    from deployer.errors import LockHeld
+
+    deployment.error = LockHeld("another deploy holds the host lock")
+    plain = run("demo-tiny")
+    traced = run("demo-tiny", "--debug")
+    assert plain.exit_code == traced.exit_code == 5
+    assert "Traceback" in traced.stderr and "Traceback" not in plain.stderr
+
+
+def test_version_and_help(host: Host) -> None:
+    assert run("--version").output.startswith("deploy-model, version ")
+    text = run("--help").output
+    assert "Examples:" in text and "Exit codes:" in text and "5 another" in text

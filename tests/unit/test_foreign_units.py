@@ -147,3 +147,19 @@ def test_flux_changes_take_the_host_lock(tmp_path: Path) -> None:
     held.release()
     assert flux(executor, s, "stop") == "active"  # type: ignore[arg-type]
     assert any(c.argv[:2] == ("systemctl", "stop") for c in units.calls)
+
+
+def test_a_bad_key_file_is_a_config_error_before_connecting(tmp_path: Path) -> None:
+    from deployer.planning import open_host
+
+    key = tmp_path / "id"
+    s = Settings.model_validate({"host": {"address": "192.0.2.1", "key_file": str(key)}})
+    with pytest.raises(ConfigError, match="does not exist"):
+        open_host(s)
+    key.write_text("k")
+    key.chmod(0o644)
+    with pytest.raises(ConfigError, match="mode 0644") as info:
+        open_host(s)
+    assert info.value.exit_code == 2 and info.value.hint == f"chmod 600 {key}"
+    key.chmod(0o600)
+    assert open_host(s).target == "ubuntu@192.0.2.1:22"
