@@ -388,10 +388,11 @@ def test_a_redeploy_without_the_key_keeps_the_hosts_key(host: SandboxHost) -> No
     headers = {"Authorization": f"Bearer {key}"}
     assert httpx.get(url, headers=headers, timeout=30).status_code == 200
 
-    refused = deploy(host, "demo-tiny", "--no-auth", env={"MODEL_DEPLOYER_API_KEY": ""})
+    no_key_no_consent = {"MODEL_DEPLOYER_API_KEY": "", "MODEL_DEPLOYER_YES": ""}
+    refused = deploy(host, "demo-tiny", "--no-auth", env=no_key_no_consent)
     assert refused.returncode == 2 and "removes the host's API key" in refused.stderr
     assert httpx.get(url, timeout=30).status_code == 401
 
-    off = deploy(host, "demo-tiny", "--no-auth", "--yes", env={"MODEL_DEPLOYER_API_KEY": ""})
+    off = deploy(host, "demo-tiny", "--no-auth", "--yes", env=no_key_no_consent)
     assert off.returncode == 0, off.stderr
     assert httpx.get(url, timeout=30).status_code == 200  # the deploy waited for health
