@@ -52,9 +52,6 @@ class Auth:
             "removed": "off (--no-auth: the host's key is removed)",
         }[self.source]
 
-    def to_json(self) -> dict[str, str]:
-        return {"auth": "on" if self.on else "off", "auth_source": self.source}
-
 
 def host_api_key(executor: Executor, settings: Settings) -> str | None:
     """The key in the host's service env file, if there is one (read with sudo: it is 0600)."""

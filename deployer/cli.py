@@ -173,7 +173,7 @@ def apply_plan(
             console.print(journal, markup=False, highlight=False)
         raise
     if as_json:
-        out = {**plan_json(plan), **auth.to_json(), "apply": apply_json(result)}
+        out = {**plan_json(plan), "apply": apply_json(result)}
         click.echo(json.dumps(out, indent=2))
     else:
         render_result(result, console, address=settings.host.address)
@@ -316,7 +316,7 @@ def _run(
 
     from .auth import decide as decide_auth
     from .plan_view import plan_to_json_text, render_plan
-    from .planner import PlanFlags
+    from .planner import PlanFlags, with_auth
     from .planning import make_plan, open_host, s3_metadata
 
     flags = PlanFlags(force_quantize=force_quantize)  # type: ignore[arg-type]
@@ -331,15 +331,15 @@ def _run(
             metadata=s3_metadata(settings, catalog),
             flags=flags,
         )
-        plan = result.plan
+        auth = decide_auth(executor, settings, no_auth=no_auth, yes=yes)
+        plan = with_auth(result.plan, "on" if auth.on else "off", auth.source)
         if saved is not None:
             from .saved_plan import check_saved_plan
 
             check_saved_plan(saved, plan, result.facts, settings)
             plan = saved  # exactly the reviewed plan (it decides what the fresh one does)
-        auth = decide_auth(executor, settings, no_auth=no_auth, yes=yes)
         if as_json and (dry_run or not plan.can_apply):
-            click.echo(plan_to_json_text(plan, extra=auth.to_json()))
+            click.echo(plan_to_json_text(plan))
         elif not as_json:
             render_plan(plan, console, dry_run=dry_run)
             console.print(f"auth: {auth.describe()}", markup=False)

@@ -11,7 +11,7 @@ import json
 import os
 import re
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from .estimate import count_text, size_text
 from .planner import Plan, plan_json
@@ -37,8 +37,8 @@ def redact(text: str, environ: Mapping[str, str] | None = None) -> str:
     return Redactor(secret_values(environ)).text(text)
 
 
-def plan_to_json_text(plan: Plan, extra: dict[str, Any] | None = None) -> str:
-    return redact(json.dumps({**plan_json(plan), **(extra or {})}, indent=2))
+def plan_to_json_text(plan: Plan) -> str:
+    return redact(json.dumps(plan_json(plan), indent=2))
 
 
 def _gb(n: int | None) -> str:

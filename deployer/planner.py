@@ -206,6 +206,10 @@ class Plan(_Data):
     # applies only with the same ones.
     code_id: str = ""
     lock_hash: str = ""
+    # Whether the service will ask for an API key, and where the key comes from
+    # (deployer.auth: operator | host | none | removed); set by the CLI before it shows the plan.
+    auth: Literal["on", "off"] | None = None
+    auth_source: str | None = None
 
     @property
     def can_apply(self) -> bool:
@@ -780,6 +784,8 @@ DECIDING = (
     "flags",
     "code_id",
     "lock_hash",
+    "auth",
+    "auth_source",
 )
 
 
@@ -793,6 +799,12 @@ def plan_id(plan: Plan) -> str:
 def with_code(plan: Plan, code_id: str, lock_hash: str) -> Plan:
     """``plan`` stamped with the code and lock it would deploy, its id recomputed."""
     stamped = plan.model_copy(update={"code_id": code_id, "lock_hash": lock_hash})
+    return stamped.model_copy(update={"plan_id": plan_id(stamped)})
+
+
+def with_auth(plan: Plan, auth: Literal["on", "off"], source: str) -> Plan:
+    """``plan`` with its auth decision, its id recomputed."""
+    stamped = plan.model_copy(update={"auth": auth, "auth_source": source})
     return stamped.model_copy(update={"plan_id": plan_id(stamped)})
 
 
@@ -943,5 +955,6 @@ __all__ = [
     "plan_deployment",
     "plan_json",
     "port_conflict",
+    "with_auth",
     "with_code",
 ]

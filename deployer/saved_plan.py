@@ -23,8 +23,8 @@ from .planner import Plan, decision_changes, plan_id
 from .service_code import code_id, lock_hash
 from .validation import read_operator_file
 
-# Keys the CLI's JSON output carries beside the plan itself.
-_NOT_THE_PLAN = ("auth", "auth_source", "apply")
+# What the CLI's JSON output carries beside the plan itself (after a deploy).
+_NOT_THE_PLAN = ("apply",)
 
 
 def load_saved_plan(path: str) -> Plan:

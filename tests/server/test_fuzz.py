@@ -18,6 +18,14 @@ from schemathesis.generation.modes import GenerationMode
 from tests.server.support import ServerProcess
 
 MAX_EXAMPLES = 12
+# A few derandomized examples per operation: bounded and the same on every run.
+BOUNDED = settings(
+    max_examples=MAX_EXAMPLES,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=list(HealthCheck),
+)
 
 
 # A body over ASOBA_MAX_REQUEST_BYTES is refused with 413 before it is parsed: a rejection of
@@ -66,13 +74,7 @@ def test_no_server_errors(
     headers = {"Authorization": f"Bearer {live_server.api_key}"}
     seen: list[int] = []
 
-    @settings(
-        max_examples=MAX_EXAMPLES,
-        deadline=None,
-        derandomize=True,
-        database=None,
-        suppress_health_check=list(HealthCheck),
-    )
+    @BOUNDED
     @given(case=operations[label].as_strategy(generation_mode=mode))
     def check(case: schemathesis.Case) -> None:
         response = case.call(base_url=live_server.base_url, headers=headers, timeout=60)
@@ -111,13 +113,7 @@ def test_answers_conform_to_the_schema(
     headers = {"Authorization": f"Bearer {live_server.api_key}"}
     checks = _all_checks()
 
-    @settings(
-        max_examples=MAX_EXAMPLES,
-        deadline=None,
-        derandomize=True,
-        database=None,
-        suppress_health_check=list(HealthCheck),
-    )
+    @BOUNDED
     @given(case=operations[label].as_strategy(generation_mode=mode))
     def check(case: schemathesis.Case) -> None:
         case.call_and_validate(

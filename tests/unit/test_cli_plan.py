@@ -454,9 +454,7 @@ def test_a_plan_from_other_code_is_refused(
     from deployer.planner import Plan, with_code
 
     path = saved_plan(host, tmp_path)
-    plan = Plan.model_validate(
-        {k: v for k, v in json.loads(path.read_text()).items() if k not in ("auth", "auth_source")}
-    )
+    plan = Plan.model_validate(json.loads(path.read_text()))
     path.write_text(json.dumps(with_code(plan, "0" * 12, plan.lock_hash).to_json()))
     result = run("--plan", str(path))
     assert result.exit_code == 4 and not deployment.calls
@@ -477,3 +475,15 @@ def test_version_and_help(host: Host) -> None:
     assert run("--version").output.startswith("deploy-model, version ")
     text = run("--help").output
     assert "Examples:" in text and "Exit codes:" in text and "5 another" in text
+
+
+def test_a_saved_plan_is_refused_when_auth_would_differ(
+    host: Host, deployment: type[FakeDeployment], tmp_path: Path
+) -> None:
+    host.env_file = HOST_ENV
+    path = saved_plan(host, tmp_path)
+    assert json.loads(path.read_text())["auth"] == "on"
+    host.env_file = None  # the host lost its key since the review
+    result = run("--plan", str(path))
+    assert result.exit_code == 4 and not deployment.calls
+    assert 'auth: "on" in the plan, "off" now' in result.stderr
