@@ -146,6 +146,15 @@ def snapshot(
     )
 
 
+def _flux_was_enabled(before: HostSnapshot) -> bool | None:
+    """Flux's enablement before any deploy of ours parked it: what an earlier replace deploy
+    recorded, else what the snapshot found."""
+    earlier = before.deployed
+    if earlier is not None and earlier.flux_stopped:
+        return earlier.flux_was_enabled
+    return before.flux_enabled
+
+
 def restore_file(executor: Executor, write: FileWrite, previous: str | None) -> None:
     if previous is None:
         executor.run(commands.remove(write.path), sudo=True)
@@ -240,7 +249,6 @@ class Deployment:
         self.options = options or ApplyOptions()
         self.api_key = self.options.api_key
         self.started = time.monotonic()
-        self._before: HostSnapshot | None = None
 
     # -- the run ----------------------------------------------------------------------------
 
@@ -311,7 +319,6 @@ class Deployment:
         env = self._service_env(pulled.path)
         writes = unit_files(self.settings, env)
         before = snapshot(self.executor, self.settings, [w.path for w in writes], facts)
-        self._before = before
         if self._unchanged(writes, before, venv, facts):
             status = self._health(timeout_s=15.0)
             self.report.info("already deployed exactly as planned and healthy: nothing to do")
@@ -336,7 +343,7 @@ class Deployment:
             run_steps(steps, self.report.step)
         except StepFailure as failure:
             raise self._failed(failure) from failure.error
-        release = self._record(pulled, venv, writes)
+        release = self._record(pulled, venv, ident, writes, before)
         return ApplyResult(
             "deployed",
             self.plan.model,
@@ -482,9 +489,8 @@ class Deployment:
                 ex.run(commands.disable(unit), sudo=True, check=False)
 
         def stop_flux() -> None:
-            flux_parking.park(
-                ex, remote.flux_service
-            )  # stopped and disabled: a reboot keeps it off
+            # Stopped and disabled: a reboot of the host does not start it again.
+            flux_parking.park(ex, remote.flux_service)
 
         def start_flux() -> None:
             flux_parking.unpark(ex, remote.flux_service, was_enabled=before.flux_enabled)
@@ -528,15 +534,14 @@ class Deployment:
         error.journal = journal  # type: ignore[attr-defined]
         return error
 
-    def _flux_was_enabled(self) -> bool | None:
-        """Flux's enablement before any deploy of ours parked it (an earlier replace deploy
-        recorded it; else it is what the snapshot found)."""
-        earlier = self._before.deployed if self._before else None
-        if earlier is not None and earlier.flux_stopped:
-            return earlier.flux_was_enabled
-        return self._before.flux_enabled if self._before else None
-
-    def _record(self, pulled: PullResult, venv: str, writes: list[FileWrite]) -> Release:
+    def _record(
+        self,
+        pulled: PullResult,
+        venv: str,
+        ident: str,
+        writes: list[FileWrite],
+        before: HostSnapshot,
+    ) -> Release:
         remote = self.settings.remote
         unit_text = next(w.stdin() for w in writes if w.path.endswith(remote.service_name))
         state = DeploymentState(
@@ -547,10 +552,10 @@ class Deployment:
             quantization=self.plan.quantization,
             service=remote.service_name,
             flux_stopped=self.plan.stop_flux,
-            flux_was_enabled=self._flux_was_enabled() if self.plan.stop_flux else None,
+            flux_was_enabled=_flux_was_enabled(before) if self.plan.stop_flux else None,
             deployed_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             plan_id=self.plan.plan_id,
-            code_id=code_id(),
+            code_id=ident,
             lock_hash=lock_hash(),
         )
         release = Release(

@@ -27,7 +27,7 @@ from pydantic import (
 )
 
 from .errors import ConfigError
-from .validation import describe, did_you_mean, printable, read_operator_file
+from .validation import describe, did_you_mean, printable, read_operator_file, within
 
 ENV_CONFIG = "MODEL_DEPLOYER_CONFIG"
 ENV_CATALOG = "MODEL_DEPLOYER_CATALOG"
@@ -122,19 +122,11 @@ SYSTEM_TREES = [
 
 def _not_system(value: str) -> str:
     parts = PurePosixPath(value).parts
-    inside = any(
-        parts[: len(PurePosixPath(t).parts)] == PurePosixPath(t).parts for t in SYSTEM_TREES
-    )
+    inside = any(within(value, tree) for tree in SYSTEM_TREES)
     home = len(parts) == 3 and parts[1] == "home"  # a user's home directory itself
     if value in SYSTEM_DIRS or inside or home:
         raise ValueError(f"{value} is a system directory; use a directory of its own, like /opt/x")
     return value
-
-
-def _nested(a: str, b: str) -> bool:
-    pa, pb = PurePosixPath(a).parts, PurePosixPath(b).parts
-    n = min(len(pa), len(pb))
-    return pa[:n] == pb[:n]
 
 
 class HostConfig(_Section):
@@ -201,7 +193,7 @@ class RemoteConfig(_Section):
         names = list(dirs)
         for i, a in enumerate(names):
             for b in names[i + 1 :]:
-                if _nested(dirs[a], dirs[b]):
+                if within(dirs[a], dirs[b]) or within(dirs[b], dirs[a]):
                     raise ValueError(f"{a} and {b} must not be the same or inside one another")
         if self.service_name == self.flux_service:
             raise ValueError("service_name must not be flux_service")

@@ -32,6 +32,7 @@ from .unit import (
     unit_path,
     write_file,
 )
+from .validation import within
 
 GIB = 1024**3
 #: Shown what an operation will change, before it changes anything; raises to stop it.
@@ -39,9 +40,11 @@ Confirm = Callable[[list[str]], None]
 
 
 def _under_models_dir(path: str, models_dir: str) -> bool:
-    """A recorded model path inside ``models_dir`` (a record is data: never trust it blindly)."""
-    parts, root = PurePosixPath(path).parts, PurePosixPath(models_dir).parts
-    return len(parts) > len(root) + 1 and parts[: len(root)] == root and ".." not in parts
+    """A recorded model path <models_dir>/<name>/<revision>, nothing above it (a record is
+    data: never trust it blindly)."""
+    parts = PurePosixPath(path).parts
+    deep_enough = len(parts) > len(PurePosixPath(models_dir).parts) + 1
+    return deep_enough and within(path, models_dir) and ".." not in parts
 
 
 @dataclass

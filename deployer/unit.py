@@ -31,12 +31,13 @@ import shlex
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import commands
 from .errors import ForeignUnit
 from .redact import Secret
+from .validation import within
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -273,11 +274,6 @@ def env_file_path(settings: Settings) -> str:
     return f"{settings.remote.service_dir}/{ENV_FILE_NAME}"
 
 
-def _under(path: str, trees: Iterable[str]) -> bool:
-    parts = PurePosixPath(path).parts
-    return any(parts[: len(PurePosixPath(t).parts)] == PurePosixPath(t).parts for t in trees)
-
-
 def render_unit(
     settings: Settings,
     *,
@@ -329,7 +325,7 @@ def render_unit(
 
 
 def _under_any(paths: Iterable[str]) -> bool:
-    return any(_under(p, _HOME_TREES) for p in paths)
+    return any(within(p, tree) for p in paths for tree in _HOME_TREES)
 
 
 def parse_unit(text: str) -> dict[str, list[tuple[str, str]]]:
@@ -417,10 +413,9 @@ def foreign_unit(executor: Executor, settings: Settings) -> str | None:
     fragment = props.get("FragmentPath", "")
     if fragment and fragment != path:
         return f"{name} is defined by {fragment}, not by this tool"
-    if executor.run(commands.test_path("-e", path), check=False).ok:
-        text = executor.run(["cat", "--", path], sudo=True, check=False).stdout
-        if UNIT_MARKER not in text:
-            return f"{path} was not written by this tool"
+    existing = executor.run(["cat", "--", path], sudo=True, check=False)
+    if existing.ok and UNIT_MARKER not in existing.stdout:
+        return f"{path} was not written by this tool"
     return None
 
 

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from pydantic import ValidationError
 
 from .errors import DeployError
+
+
+def within(path: str, root: str) -> bool:
+    """``path`` is ``root`` or inside it, compared by POSIX path components."""
+    parts, top = PurePosixPath(path).parts, PurePosixPath(root).parts
+    return parts[: len(top)] == top
 
 
 def printable(text: str) -> str:

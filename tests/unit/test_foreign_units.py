@@ -64,10 +64,11 @@ def host(load: str, fragment: str, file_text: str | None) -> FakeExecutor:
     fake = FakeExecutor()
     fake.on(["systemctl", "show"], f"LoadState={load}\nFragmentPath={fragment}\n")
     fake.on(
-        ["test", "-e"],
-        CommandResult("test", 0 if file_text is not None else 1, "", ""),
+        ["cat"],
+        CommandResult("cat", 1, "", "No such file")
+        if file_text is None
+        else CommandResult("cat", 0, file_text, ""),
     )
-    fake.on(["cat"], file_text or "")
     return fake
 
 
