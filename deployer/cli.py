@@ -315,9 +315,9 @@ def _run(
     catalog.get(name)  # unknown names fail here, before any connection
 
     from .auth import decide as decide_auth
+    from .make_plan import make_plan, open_host, s3_metadata
     from .plan_view import plan_to_json_text, render_plan
     from .planner import PlanFlags, with_auth
-    from .planning import make_plan, open_host, s3_metadata
 
     flags = PlanFlags(force_quantize=force_quantize)  # type: ignore[arg-type]
     console = _console(as_json)

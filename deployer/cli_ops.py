@@ -46,7 +46,7 @@ class _Ctx:
         return load_settings(self.config_path)
 
     def host(self, settings: Settings) -> SSHHost:
-        from .planning import open_host
+        from .make_plan import open_host
 
         return open_host(settings, trust_new_host_key=self.trust)
 

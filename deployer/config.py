@@ -27,7 +27,7 @@ from pydantic import (
 )
 
 from .errors import ConfigError
-from .validation import describe, did_you_mean, printable, read_operator_file, within
+from .operator_input import describe, did_you_mean, printable, read_operator_file, within
 
 ENV_CONFIG = "MODEL_DEPLOYER_CONFIG"
 ENV_CATALOG = "MODEL_DEPLOYER_CATALOG"

@@ -18,6 +18,7 @@ from .config import Settings
 from .errors import DeployError, HealthCheckTimeout
 from .facts import STATE_FILE_NAME, HostFacts
 from .lock import HostLock, LockInfo, break_lock, lock_status
+from .operator_input import within
 from .probe import inspect_host
 from .releases import Release, Releases
 from .service_code import switch_venv_argv, venv_link
@@ -32,7 +33,6 @@ from .unit import (
     unit_path,
     write_file,
 )
-from .validation import within
 
 GIB = 1024**3
 #: Shown what an operation will change, before it changes anything; raises to stop it.

@@ -17,8 +17,8 @@ from pydantic import ValidationError
 from .config import RemoteConfig
 from .errors import CommandResult, ProbeError
 from .facts import HostFacts
+from .operator_input import describe
 from .ssh import Executor
-from .validation import describe
 
 PROBE_SCRIPT = Path(__file__).resolve().parent / "remote" / "probe_host.py"
 #: Each command inside the probe gets this long; the whole remote command a little more.

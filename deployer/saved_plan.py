@@ -19,9 +19,9 @@ from pydantic import ValidationError
 from .config import Settings
 from .errors import ConfigError, PlanOutdated
 from .facts import HostFacts
+from .operator_input import read_operator_file
 from .planner import Plan, decision_changes, plan_id
 from .service_code import code_id, lock_hash
-from .validation import read_operator_file
 
 # What the CLI's JSON output carries beside the plan itself (after a deploy).
 _NOT_THE_PLAN = ("apply",)

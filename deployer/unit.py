@@ -36,8 +36,8 @@ from typing import TYPE_CHECKING
 
 from . import commands
 from .errors import ForeignUnit
+from .operator_input import within
 from .redact import Secret
-from .validation import within
 
 if TYPE_CHECKING:
     from .config import Settings

@@ -40,8 +40,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from .errors import CommandResult, DeployError
+from .operator_input import did_you_mean
 from .service_code import lock_python
-from .validation import did_you_mean
 
 if TYPE_CHECKING:
     from .catalog import Catalog, ModelSpec
@@ -1243,7 +1243,7 @@ def run_host(
 
 
 def default_host_factory(settings: Settings, trust_new_host_key: bool) -> Executor:
-    from .planning import open_host
+    from .make_plan import open_host
 
     return open_host(settings, trust_new_host_key=trust_new_host_key)
 

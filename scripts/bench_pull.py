@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from deployer.catalog import load_catalog  # noqa: E402
 from deployer.config import load_settings  # noqa: E402
-from deployer.planning import open_host  # noqa: E402
+from deployer.make_plan import open_host  # noqa: E402
 from deployer.pull import PullRequest, run_pull  # noqa: E402
 
 PREFIX = "bench/pull-model/"

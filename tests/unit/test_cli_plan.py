@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 import pytest
 from click.testing import CliRunner, Result
 
-from deployer import cli, planning
+from deployer import cli, make_plan
 from deployer.catalog import load_catalog
 from deployer.errors import AuthError, CommandResult, ConnectError
 from deployer.model_meta import StaticMetadata, meta_from_tensors
@@ -62,8 +62,8 @@ def host(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Host:
     config.write_text('[host]\naddress = "10.9.9.9"\n')
     monkeypatch.setenv("MODEL_DEPLOYER_CONFIG", str(config))
     fake = Host()
-    monkeypatch.setattr(planning, "open_host", fake.open_host)
-    monkeypatch.setattr(planning, "s3_metadata", fake.s3_metadata)
+    monkeypatch.setattr(make_plan, "open_host", fake.open_host)
+    monkeypatch.setattr(make_plan, "s3_metadata", fake.s3_metadata)
     return fake
 
 

@@ -151,7 +151,7 @@ def test_flux_changes_take_the_host_lock(tmp_path: Path) -> None:
 
 
 def test_a_bad_key_file_is_a_config_error_before_connecting(tmp_path: Path) -> None:
-    from deployer.planning import open_host
+    from deployer.make_plan import open_host
 
     key = tmp_path / "id"
     s = Settings.model_validate({"host": {"address": "192.0.2.1", "key_file": str(key)}})

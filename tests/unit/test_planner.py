@@ -11,6 +11,7 @@ from deployer.catalog import load_catalog
 from deployer.config import PolicyConfig, Settings
 from deployer.estimate import Estimate
 from deployer.facts import HostFacts
+from deployer.make_plan import estimates_for, read_metas, specs_to_read
 from deployer.model_meta import ModelMeta, StaticMetadata, meta_from_tensors
 from deployer.planner import (
     Plan,
@@ -20,7 +21,6 @@ from deployer.planner import (
     plan_deployment,
     plan_json,
 )
-from deployer.planning import estimates_for, read_metas, specs_to_read
 from tests import model_shapes as ms
 from tests.fakes import GB, g5_facts, probe_json
 

@@ -11,9 +11,9 @@ from hypothesis import strategies as st
 from deployer.catalog import Catalog, load_catalog, parse_catalog
 from deployer.config import PolicyConfig, Settings
 from deployer.facts import HostFacts
+from deployer.make_plan import estimates_for, read_metas, specs_to_read
 from deployer.model_meta import StaticMetadata, meta_from_tensors
 from deployer.planner import Plan, PlanFlags, headroom, plan_deployment
-from deployer.planning import estimates_for, read_metas, specs_to_read
 from tests import model_shapes as ms
 from tests.fakes import FLUX_PID, GB, OURS_PID, probe_json
 

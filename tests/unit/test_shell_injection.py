@@ -33,7 +33,7 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from deployer import cli, cli_ops, model_meta, planning
+from deployer import cli, cli_ops, make_plan, model_meta
 from deployer import pull as pull_module
 from deployer.audit import AuditEntry
 from deployer.audit import append as audit_append
@@ -108,7 +108,7 @@ def tripwire(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Tripwire:
     monkeypatch.setattr(fabric.Connection, "open", wire.hook("fabric.Connection.open"))
     monkeypatch.setattr(paramiko.SSHClient, "connect", wire.hook("paramiko.SSHClient.connect"))
     monkeypatch.setattr(model_meta, "make_s3_client", wire.hook("make_s3_client"))
-    monkeypatch.setattr(planning, "make_s3_client", wire.hook("make_s3_client"))
+    monkeypatch.setattr(make_plan, "make_s3_client", wire.hook("make_s3_client"))
     monkeypatch.setattr(pull_module, "s3_client", wire.hook("s3_client"))
     # A configured host, so only the name can stop the command; no ./model-deployer.toml.
     monkeypatch.setenv("MODEL_DEPLOYER_HOST__ADDRESS", "192.0.2.1")
