@@ -1,63 +1,74 @@
-"""Carry out a plan on the host, exactly as ``--dry-run`` showed it, or put the host back.
+"""Carry out a plan on the host, exactly as ``--dry-run`` showed it.
 
-Order (the plan's ``steps``): take the host lock; re-inspect and stop if the plan no longer
-holds; check the S3 source from here; install the service venv and pull the weights (neither
-touches what is running); then the switch: write the env file and unit and point the venv
-link, run the bootstrap hook, stop Flux if the plan says so, (re)start the unit, wait until
-``/health`` is ok and ``/status`` names the model; publish the discovery variables; record
-the release and the audit entry; release the lock.
+The plan's ``steps`` are the run: each name maps to a factory (``Deployment.factories``) that
+makes a ``Step(apply, undo)`` from the step's parameters, so the list ``--dry-run`` shows and
+the list that runs are one list. In order: take the host lock; re-inspect and stop if the plan
+no longer holds; install the service venv and pull the weights (neither touches what is
+running); then the switch: write the env file and unit and point the venv link, stop Flux if
+the plan says so, (re)start the unit, wait until ``/health`` is ok and ``/status`` names the
+model; publish the discovery variables; record the release and the audit entry. A catalog
+bootstrap hook runs where the plan placed it. The S3 source is checked from here before the
+lock is even taken.
 
-Everything from the switch on is a ``Step`` with an ``undo``: when a step fails, the steps
-done are undone in reverse, which restores the previous unit, env file and venv (and starts
-the previous service again if it was running) and starts Flux again if we stopped it. The
-weights and venvs stay on disk: they are verified, unused until switched to, and make the next
-attempt fast.
+When a switch step fails, the steps done are undone in reverse (``deployer.steps``), which
+restores the previous unit, env file and venv, starts the previous service again if it was
+running and starts Flux again if we stopped it; the run raises ``DeployFailed`` with the
+journal's tail. A failure before the switch changed nothing that runs and raises as itself.
+The weights and venvs stay on disk: they are verified, unused until switched to, and make the
+next attempt fast.
 
 A deploy whose unit, env file, venv, weights and discovery files are already exactly what the
-plan wants, with the service healthy, changes nothing and says so.
+plan wants, with the service healthy, changes nothing and says so: the switch steps skip.
+
+Side effects from outside the host connection come in: ``check_source`` (S3, from here) and
+``build_code`` (the service wheel, built here), so tests give fakes.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from . import audit, commands, flux_parking
+from . import audit, commands
 from .catalog import Catalog, ModelSpec
 from .config import Settings
-from .errors import DeployError, HealthCheckTimeout, PlanOutdated, PlanRefused
-from .facts import STATE_FILE_NAME, DeploymentState, HostFacts
+from .errors import DeployError, DeployFailed, PlanOutdated, PlanRefused
+from .facts import DeploymentState, HostFacts
+from .host_steps import (
+    Switch,
+    journal_tail,
+    lock_step,
+    publish_step,
+    render_unit_step,
+    snapshot,
+    start_step,
+    stop_flux_step,
+    wait_healthy,
+    wait_healthy_step,
+)
 from .lock import HostLock
-from .planner import Plan
+from .planner import Plan, PlanStep
 from .probe import inspect_host
-from .pull import PullEvent, PullResult, preflight_source, pull_request, run_pull
+from .pull import PullEvent, PullResult, pull_request, run_pull
 from .redact import Secret
 from .releases import Release, Releases
-from .service_code import (
-    build_wheel,
-    code_id,
-    current_venv,
-    install_venv,
-    lock_hash,
-    switch_venv_argv,
-)
+from .service_code import install_venv, lock_hash
 from .ssh import Executor
 from .steps import Step, StepFailure, run_steps
-from .unit import (
-    FileWrite,
-    ServiceEnv,
-    refuse_foreign_unit,
-    service_env,
-    unit_files,
-    write_file,
-)
+from .unit import FileWrite, ServiceEnv, refuse_foreign_unit, service_env, unit_files
 
-HEALTH_SCRIPT = Path(__file__).resolve().parent / "remote" / "wait_healthy.py"
+#: A check of the weights' source from the operator's machine (bucket, prefix); raises
+#: ``ModelSourceError`` when it is not there or not readable.
+SourceCheck = Callable[[str, str], None]
+#: Builds (once per code id) the service's wheel here; returns its path.
+CodeBuilder = Callable[[str], Path]
+#: Tells the service code apart: the venv on the host is named by it.
+CodeId = Callable[[], str]
+
+QUICK_HEALTH_S = 15.0  # the health check of a deploy that changes nothing
 
 
 class Reporter(Protocol):
@@ -93,12 +104,6 @@ class ApplyOptions:
     command: str = "deploy-model"
     # The service's API key (deployer.auth decides it); None: no key.
     api_key: str | None = field(default=None, repr=False)
-    wheel_cache: Path = field(
-        default_factory=lambda: (
-            Path(os.environ.get("MODEL_DEPLOYER_CACHE", Path.home() / ".cache" / "model-deployer"))
-            / "wheels"
-        )
-    )
 
 
 @dataclass
@@ -114,113 +119,26 @@ class ApplyResult:
 
 
 @dataclass
-class HostSnapshot:
-    """What the switch replaces, captured before it, so that undo can put it back."""
+class _Run:
+    """What the steps learn on the way, for the steps after them."""
 
-    files: dict[str, str | None]  # path -> content (None: did not exist)
-    venv: str | None
-    service_active: bool
-    flux_active: bool
-    deployed: DeploymentState | None = None
-    flux_enabled: bool | None = None
-
-    def file(self, path: str) -> str | None:
-        return self.files.get(path)
-
-
-def read_remote(executor: Executor, path: str) -> str | None:
-    result = executor.run(["cat", "--", path], sudo=True, check=False)
-    return result.stdout if result.ok else None
+    facts: HostFacts | None = None
+    venv: str = ""
+    pulled: PullResult | None = None
+    writes: list[FileWrite] = field(default_factory=list)
+    unchanged: bool | None = None  # decided when the switch's turn comes
+    switching: bool = False  # a switch step ran: a failure is rolled back
+    status: dict[str, Any] = field(default_factory=dict)
+    release: Release | None = None
 
 
-def snapshot(
-    executor: Executor, settings: Settings, paths: list[str], facts: HostFacts
-) -> HostSnapshot:
-    return HostSnapshot(
-        files={path: read_remote(executor, path) for path in paths},
-        venv=current_venv(executor, settings),
-        service_active=facts.inference.active,
-        flux_active=facts.flux.active,
-        deployed=facts.deployed,
-        flux_enabled=flux_parking.is_enabled(executor, settings.remote.flux_service),
-    )
-
-
-def _flux_was_enabled(before: HostSnapshot) -> bool | None:
+def _flux_was_enabled(before: Switch) -> bool | None:
     """Flux's enablement before any deploy of ours parked it: what an earlier replace deploy
     recorded, else what the snapshot found."""
-    earlier = before.deployed
+    earlier = before.was.deployed
     if earlier is not None and earlier.flux_stopped:
         return earlier.flux_was_enabled
-    return before.flux_enabled
-
-
-def restore_file(executor: Executor, write: FileWrite, previous: str | None) -> None:
-    if previous is None:
-        executor.run(commands.remove(write.path), sudo=True)
-    else:
-        write_file(executor, FileWrite(write.path, Secret(previous), write.mode, write.owner))
-
-
-def wait_healthy(
-    executor: Executor,
-    settings: Settings,
-    *,
-    port: int,
-    model: str,
-    timeout_s: float,
-    on_event: Callable[[dict[str, Any]], None] | None = None,
-    max_restarts: int = 1,
-) -> dict[str, Any]:
-    """Poll, on the host, until the service is ready; returns its ``/status``."""
-    events: list[dict[str, Any]] = []
-
-    def feed(line: str) -> None:
-        try:
-            event = json.loads(line)
-        except ValueError:
-            return
-        events.append(event)
-        if on_event:
-            on_event(event)
-
-    result = executor.run(
-        [
-            settings.remote.python,
-            "-",
-            str(port),
-            model,
-            str(timeout_s),
-            settings.remote.service_name,
-            str(max_restarts),
-        ],
-        stdin=HEALTH_SCRIPT.read_text(encoding="utf-8"),
-        check=False,
-        timeout=timeout_s + 60,
-        on_output=feed,
-        what="wait for health",
-    )
-    if not events:
-        for line in result.stdout.splitlines():
-            feed(line)
-    last = events[-1] if events else {}
-    if result.ok and last.get("event") == "ready":
-        return dict(last.get("status") or {})
-    reason = {
-        "timeout": f"not healthy after {timeout_s:g}s (unit {last.get('unit_state')}, "
-        f"health {last.get('health')})",
-        "failed": f"the service crashed while starting (unit {last.get('unit_state')}, "
-        f"restarts {last.get('restarts')})",
-        "wrong-model": f"port {port} serves {last.get('serving')!r}, not {model!r}",
-    }.get(str(last.get("event")), f"health wait ended with exit {result.exit_code}")
-    raise HealthCheckTimeout(reason)
-
-
-def journal_tail(executor: Executor, settings: Settings, lines: int = 20) -> str:
-    result = executor.run(
-        commands.journal(settings.remote.service_name, lines), sudo=True, check=False
-    )
-    return result.stdout.strip()
+    return before.was.flux_enabled
 
 
 class Deployment:
@@ -234,6 +152,9 @@ class Deployment:
         catalog: Catalog,
         settings: Settings,
         executor: Executor,
+        check_source: SourceCheck,
+        build_code: CodeBuilder,
+        code_id: CodeId,
         reporter: Reporter | None = None,
         options: ApplyOptions | None = None,
     ) -> None:
@@ -245,117 +166,233 @@ class Deployment:
         self.catalog = catalog
         self.settings = settings
         self.executor = executor
+        self.check_source = check_source
+        self.build_code = build_code
+        self.code_id = code_id
         self.report = reporter or SilentReporter()
         self.options = options or ApplyOptions()
         self.api_key = self.options.api_key
         self.started = time.monotonic()
+        self.lock = HostLock(
+            executor, settings.remote.state_dir, command=self.options.command, warn=self.report.warn
+        )
+        self.switch = Switch(executor, settings, talk=self.report)
+        self.ident = ""
+        self.run_state = _Run()
 
     # -- the run ----------------------------------------------------------------------------
 
+    def steps(self) -> list[Step]:
+        """The plan's steps as ``Step``s, in the plan's order."""
+        factories = self.factories()
+        unknown = [s.name for s in self.plan.steps if s.name not in factories]
+        if unknown:
+            raise PlanRefused(f"the plan has steps this version cannot run: {', '.join(unknown)}")
+        return [factories[s.name](s) for s in self.plan.steps]
+
     def run(self) -> ApplyResult:
-        state_dir = self.settings.remote.state_dir
-        lock = HostLock(
-            self.executor, state_dir, command=self.options.command, warn=self.report.warn
-        )
         # The source is checked from here before the host is touched at all.
-        preflight_source(
-            self.settings.s3.bucket or self.catalog.bucket,
-            self.weights_spec.s3_prefix,
-            region=self.settings.s3.region,
-            endpoint_url=self.settings.s3.endpoint_url,
+        self.check_source(
+            self.settings.s3.bucket or self.catalog.bucket, self.weights_spec.s3_prefix
         )
-        self.report.step("start", "lock")
-        lock.acquire(wait_s=self.options.lock_wait_s, force=self.options.force_unlock)
-        self.report.step("done", "lock")
-        try:
-            result = self._locked()
-        except BaseException as exc:
-            self._audit("failed", error=str(exc))
-            raise
-        finally:
-            lock.release()
-        self._audit(result.outcome, details={"release": result.release, "port": result.port})
-        return result
-
-    def _locked(self) -> ApplyResult:
-        self.report.step("start", "re-inspect")
-        facts = inspect_host(self.executor, self.settings.remote)
-        moved = self.plan.still_holds(facts)
-        if moved:
-            raise PlanOutdated(
-                "the host changed since the plan: " + "; ".join(moved),
-                hint="run the deploy again to plan against the host as it is now",
-            )
-        self.report.step("done", "re-inspect")
-        refuse_foreign_unit(self.executor, self.settings)
-
-        bucket = self.settings.s3.bucket or self.catalog.bucket
-        self._prepare_dirs()
-
-        self.report.step("start", "install-venv")
-        ident = code_id()
-        wheel = build_wheel(self.options.wheel_cache, ident)
-        venv = install_venv(self.executor, self.settings, wheel, ident)
-        self.report.step("done", "install-venv")
-
-        self.report.step("start", "pull-weights")
-        pulled = run_pull(
-            self.executor,
-            pull_request(
-                self.settings,
-                self.weights_spec,
-                bucket=bucket,
-                concurrency=self.settings.s3.pull_concurrency,
-                max_rate=int(self.settings.s3.pull_max_rate_mbps * 1e6 / 8) or None,
-                part_size=self.settings.s3.pull_part_mb * 1024 * 1024,
-            ),
-            python=f"{venv}/bin/python",
-            on_event=self.report.pull,
-        )
-        self.report.step("done", "pull-weights")
-        if self.spec.bootstrap and self.spec.bootstrap.step == "after-pull":
-            self._bootstrap(pulled.path, venv)
-
-        env = self._service_env(pulled.path)
-        writes = unit_files(self.settings, env)
-        before = snapshot(self.executor, self.settings, [w.path for w in writes], facts)
-        if self._unchanged(writes, before, venv, facts):
-            status = self._health(timeout_s=15.0)
-            self.report.info("already deployed exactly as planned and healthy: nothing to do")
-            return ApplyResult(
-                "unchanged",
-                self.plan.model,
-                self.plan.port or 0,
-                pulled.path,
-                None,
-                status,
-                time.monotonic() - self.started,
-                pulled,
-            )
-
-        status: dict[str, Any] = {}
-
-        def wait() -> None:
-            status.update(self._health(timeout_s=self.settings.service.health_timeout_s))
-
-        steps = self._switch_steps(writes, before, venv, pulled.path, wait)
+        steps = self.steps()
+        run = self.run_state
         try:
             run_steps(steps, self.report.step)
         except StepFailure as failure:
-            raise self._failed(failure) from failure.error
-        release = self._record(pulled, venv, ident, writes, before)
+            error = self._failed(failure) if run.switching else failure.error
+            if self.lock.held:
+                self._audit("failed", error=str(error))
+            raise error from failure.error
+        except BaseException as exc:
+            if self.lock.held:
+                self._audit("failed", error=str(exc))
+            raise
+        finally:
+            self.lock.release()
+        assert run.pulled is not None
+        if run.unchanged:
+            self.report.info("already deployed exactly as planned and healthy: nothing to do")
         return ApplyResult(
-            "deployed",
+            "unchanged" if run.unchanged else "deployed",
             self.plan.model,
             self.plan.port or 0,
-            pulled.path,
-            release.number,
-            status,
+            run.pulled.path,
+            run.release.number if run.release else None,
+            run.status,
             time.monotonic() - self.started,
-            pulled,
+            run.pulled,
         )
 
+    # -- the factories, one per step name ---------------------------------------------------
+
+    def factories(self) -> dict[str, Callable[[PlanStep], Step]]:
+        return {
+            "lock": lambda _: lock_step(
+                self.lock, wait_s=self.options.lock_wait_s, force=self.options.force_unlock
+            ),
+            "re-inspect": self._reinspect,
+            "install-venv": self._install_venv,
+            "pull-weights": self._pull,
+            "bootstrap": self._bootstrap_step,
+            "render-unit": self._render_unit,
+            "stop-flux": self._stop_flux,
+            "start": self._start,
+            "wait-healthy": self._wait_healthy,
+            "write-discovery-env": self._publish,
+            "audit": self._record_step,
+        }
+
+    def _reinspect(self, step: PlanStep) -> Step:
+        def reinspect() -> None:
+            facts = inspect_host(self.executor, self.settings.remote)
+            moved = self.plan.still_holds(facts)
+            if moved:
+                raise PlanOutdated(
+                    "the host changed since the plan: " + "; ".join(moved),
+                    hint="run the deploy again to plan against the host as it is now",
+                )
+            refuse_foreign_unit(self.executor, self.settings)
+            self.run_state.facts = facts
+
+        return Step(step.name, step.description, reinspect)
+
+    def _install_venv(self, step: PlanStep) -> Step:
+        def install() -> None:
+            self._prepare_dirs()
+            self.ident = self.code_id()
+            wheel = self.build_code(self.ident)
+            self.run_state.venv = install_venv(self.executor, self.settings, wheel, self.ident)
+
+        return Step(step.name, step.description, install)
+
+    def _pull(self, step: PlanStep) -> Step:
+        s3 = self.settings.s3
+
+        def pull() -> None:
+            self.run_state.pulled = run_pull(
+                self.executor,
+                pull_request(
+                    self.settings,
+                    self.weights_spec,
+                    bucket=s3.bucket or self.catalog.bucket,
+                    concurrency=s3.pull_concurrency,
+                    max_rate=int(s3.pull_max_rate_mbps * 1e6 / 8) or None,
+                    part_size=s3.pull_part_mb * 1024 * 1024,
+                ),
+                python=f"{self.run_state.venv}/bin/python",
+                on_event=self.report.pull,
+            )
+
+        return Step(step.name, step.description, pull)
+
+    def _bootstrap_step(self, step: PlanStep) -> Step:
+        after_pull = step.params.get("when") == "after-pull"
+        return Step(
+            step.name,
+            step.description,
+            self._bootstrap,
+            skip=None if after_pull else self._nothing_to_switch,
+        )
+
+    def _render_unit(self, step: PlanStep) -> Step:
+        made = render_unit_step(
+            self.switch, lambda: self._writes(service=True), lambda: self.run_state.venv
+        )
+
+        def install() -> None:
+            self.run_state.switching = True
+            made.apply()
+
+        return Step(step.name, step.description, install, made.undo, skip=self._nothing_to_switch)
+
+    def _stop_flux(self, step: PlanStep) -> Step:
+        made = stop_flux_step(self.switch, was_enabled=lambda: self.switch.was.flux_enabled)
+
+        def flux_is_up() -> bool:
+            before = self.switch.was
+            return bool(before.flux_active or before.flux_enabled)
+
+        return Step(
+            step.name,
+            step.description,
+            made.apply,
+            made.undo,
+            skip=lambda: self._nothing_to_switch() or not flux_is_up(),
+        )
+
+    def _start(self, step: PlanStep) -> Step:
+        made = start_step(self.switch)
+        return Step(step.name, step.description, made.apply, made.undo, self._nothing_to_switch)
+
+    def _wait_healthy(self, step: PlanStep) -> Step:
+        port = int(step.params.get("port") or self.plan.port or 0)
+        model = str(step.params.get("model") or self.plan.model)
+        timeout = float(step.params.get("timeout_s") or self.settings.service.health_timeout_s)
+
+        def wait() -> None:
+            quick = self._nothing_to_switch()
+            made = wait_healthy_step(
+                self.switch,
+                port=port,
+                model=model,
+                timeout_s=QUICK_HEALTH_S if quick else timeout,
+                into=self.run_state.status,
+            )
+            made.apply()
+
+        return Step(step.name, step.description, wait)
+
+    def _publish(self, step: PlanStep) -> Step:
+        made = publish_step(self.switch, lambda: self._writes(service=False))
+        return Step(step.name, step.description, made.apply, made.undo, self._nothing_to_switch)
+
+    def _record_step(self, step: PlanStep) -> Step:
+        def record() -> None:
+            run = self.run_state
+            if not run.unchanged:
+                run.release = self._record()
+            self._audit(
+                "unchanged" if run.unchanged else "deployed",
+                details={
+                    "release": run.release.number if run.release else None,
+                    "port": self.plan.port,
+                },
+            )
+
+        return Step(step.name, step.description, record)
+
     # -- pieces -----------------------------------------------------------------------------
+
+    def _nothing_to_switch(self) -> bool:
+        """Whether the host already runs exactly this deploy (decided once, when the switch's
+        turn comes: the snapshot every undo restores is taken here)."""
+        run = self.run_state
+        if run.unchanged is None:
+            assert run.facts is not None and run.pulled is not None
+            run.writes = unit_files(self.settings, self._service_env(run.pulled.path))
+            before = snapshot(self.executor, self.settings, [w.path for w in run.writes], run.facts)
+            self.switch.before = before
+            deployed = run.facts.deployed
+            run.unchanged = (
+                before.service_active
+                and before.venv == run.venv
+                and all(before.file(w.path) == w.stdin() for w in run.writes)
+                and deployed is not None
+                and deployed.model == self.plan.model
+                and deployed.port == self.plan.port
+                and (self.plan.stop_flux is False or not run.facts.flux.active)
+            )
+        return run.unchanged
+
+    def _writes(self, *, service: bool) -> list[FileWrite]:
+        """The service's own files (env file, unit), or the discovery files."""
+        remote = self.settings.remote
+
+        def is_service(write: FileWrite) -> bool:
+            return write.path.startswith(remote.service_dir) or write.path.endswith(".service")
+
+        return [w for w in self.run_state.writes if is_service(w) == service]
 
     def _prepare_dirs(self) -> None:
         remote = self.settings.remote
@@ -381,33 +418,8 @@ class Deployment:
             max_model_len=service.max_context_tokens,
         )
 
-    def _unchanged(
-        self, writes: list[FileWrite], before: HostSnapshot, venv: str, facts: HostFacts
-    ) -> bool:
-        deployed = facts.deployed
-        return (
-            before.service_active
-            and before.venv == venv
-            and all(before.file(w.path) == w.stdin() for w in writes)
-            and deployed is not None
-            and deployed.model == self.plan.model
-            and deployed.port == self.plan.port
-            and (self.plan.stop_flux is False or not facts.flux.active)
-        )
-
-    def _health(self, *, timeout_s: float) -> dict[str, Any]:
-        assert self.plan.port is not None
-        return wait_healthy(
-            self.executor,
-            self.settings,
-            port=self.plan.port,
-            model=self.plan.model,
-            timeout_s=timeout_s,
-            on_event=self.report.health,
-        )
-
-    def _bootstrap(self, model_path: str, venv: str) -> None:
-        assert self.spec.bootstrap is not None
+    def _bootstrap(self) -> None:
+        assert self.spec.bootstrap is not None and self.run_state.pulled is not None
         script = Path(self.catalog_root(), self.spec.bootstrap.script)
         self.report.info(f"bootstrap: {self.spec.bootstrap.script}")
         self.executor.run(
@@ -416,9 +428,9 @@ class Deployment:
             stdin=script.read_text(encoding="utf-8"),
             env={
                 "MODEL_NAME": self.plan.model,
-                "MODEL_DIR": model_path,
+                "MODEL_DIR": self.run_state.pulled.path,
                 "SERVICE_DIR": self.settings.remote.service_dir,
-                "VENV": venv,
+                "VENV": self.run_state.venv,
             },
             on_output=lambda line: self.report.info(f"  bootstrap| {line}"),
             what=f"bootstrap {self.spec.bootstrap.script}",
@@ -428,101 +440,7 @@ class Deployment:
         path = self.settings.catalog
         return path.resolve().parent if path else Path(__file__).resolve().parent.parent
 
-    def _switch_steps(
-        self,
-        writes: list[FileWrite],
-        before: HostSnapshot,
-        venv: str,
-        model_path: str,
-        wait: Callable[[], None],
-    ) -> list[Step]:
-        ex = self.executor
-        remote = self.settings.remote
-        unit = remote.service_name
-        service_writes = [
-            w
-            for w in writes
-            if w.path.startswith(remote.service_dir) or w.path.endswith(".service")
-        ]
-        discovery_writes = [w for w in writes if w not in service_writes]
-
-        def install() -> None:
-            for write in service_writes:
-                write_file(ex, write)
-            for argv in switch_venv_argv(self.settings, venv):
-                ex.run(argv, sudo=True)
-            ex.run(commands.daemon_reload(), sudo=True)
-
-        def uninstall() -> None:
-            for write in service_writes:
-                restore_file(ex, write, before.file(write.path))
-            if before.venv:
-                for argv in switch_venv_argv(self.settings, before.venv):
-                    ex.run(argv, sudo=True)
-            ex.run(commands.daemon_reload(), sudo=True)
-            # The previous service kept running until ``start``; only then must it come back.
-            if before.service_active and started:
-                ex.run(commands.reset_failed(unit), sudo=True, check=False)
-                ex.run(commands.restart(unit), sudo=True)
-                self.report.info(f"previous {unit} restarted")
-                if before.deployed is not None:
-                    wait_healthy(
-                        ex,
-                        self.settings,
-                        port=before.deployed.port,
-                        model=before.deployed.model,
-                        timeout_s=self.settings.service.health_timeout_s,
-                        on_event=self.report.health,
-                    )
-
-        started: list[bool] = []
-
-        def start() -> None:
-            started.append(True)
-            ex.run(commands.reset_failed(unit), sudo=True, check=False)
-            ex.run(commands.enable(unit), sudo=True)
-            ex.run(commands.restart(unit), sudo=True)
-
-        def stop_new() -> None:
-            ex.run(commands.stop(unit), sudo=True, check=False)
-            if not before.service_active:
-                ex.run(commands.disable(unit), sudo=True, check=False)
-
-        def stop_flux() -> None:
-            # Stopped and disabled: a reboot of the host does not start it again.
-            flux_parking.park(ex, remote.flux_service)
-
-        def start_flux() -> None:
-            flux_parking.unpark(ex, remote.flux_service, was_enabled=before.flux_enabled)
-            self.report.info(f"{remote.flux_service} started again")
-
-        def publish() -> None:
-            for write in discovery_writes:
-                write_file(ex, write)
-
-        def unpublish() -> None:
-            for write in discovery_writes:
-                restore_file(ex, write, before.file(write.path))
-
-        steps = [Step("render-unit", "write env file and unit, switch venv", install, uninstall)]
-        bootstrap = self.spec.bootstrap
-        if bootstrap and bootstrap.step == "before-start":
-            steps.append(
-                Step("bootstrap", bootstrap.script, lambda: self._bootstrap(model_path, venv))
-            )
-        if self.plan.stop_flux and (before.flux_active or before.flux_enabled):
-            steps.append(Step("stop-flux", f"stop {remote.flux_service}", stop_flux, start_flux))
-        steps.append(Step("start", f"start {unit}", start, stop_new))
-        steps.append(Step("wait-healthy", "wait for /health and /status", wait))
-        if bootstrap and bootstrap.step == "after-start":
-            steps.append(
-                Step("bootstrap", bootstrap.script, lambda: self._bootstrap(model_path, venv))
-            )
-        steps.append(Step("write-discovery-env", "publish the endpoint", publish, unpublish))
-        return steps
-
-    def _failed(self, failure: StepFailure) -> DeployError:
-        journal = journal_tail(self.executor, self.settings)
+    def _failed(self, failure: StepFailure) -> DeployFailed:
         undone = ", ".join(failure.undone) or "nothing"
         message = f"deploy of {self.plan.model} failed at {failure.step}: {failure.error}"
         message += f"; rolled back ({undone})"
@@ -530,63 +448,45 @@ class Deployment:
             message += "; ROLLBACK INCOMPLETE: " + "; ".join(
                 f"{s}: {e}" for s, e in failure.undo_errors
             )
-        error = DeployError(message, hint="the service's last log lines are shown above")
-        error.journal = journal  # type: ignore[attr-defined]
-        return error
+        return DeployFailed(
+            message,
+            step=failure.step,
+            undone=list(failure.undone),
+            undo_errors=list(failure.undo_errors),
+            journal=journal_tail(self.executor, self.settings),
+            hint="the service's last log lines are shown above",
+        )
 
-    def _record(
-        self,
-        pulled: PullResult,
-        venv: str,
-        ident: str,
-        writes: list[FileWrite],
-        before: HostSnapshot,
-    ) -> Release:
-        remote = self.settings.remote
-        unit_text = next(w.stdin() for w in writes if w.path.endswith(remote.service_name))
+    def _record(self) -> Release:
+        run, remote = self.run_state, self.settings.remote
+        assert run.pulled is not None
+        unit_text = next(w.stdin() for w in run.writes if w.path.endswith(remote.service_name))
         state = DeploymentState(
             model=self.plan.model,
             weights_model=self.plan.weights_model,
-            revision=pulled.revision,
+            revision=run.pulled.revision,
             port=self.plan.port or 0,
             quantization=self.plan.quantization,
             service=remote.service_name,
             flux_stopped=self.plan.stop_flux,
-            flux_was_enabled=_flux_was_enabled(before) if self.plan.stop_flux else None,
+            flux_was_enabled=_flux_was_enabled(self.switch) if self.plan.stop_flux else None,
             deployed_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             plan_id=self.plan.plan_id,
-            code_id=ident,
+            code_id=self.ident,
             lock_hash=lock_hash(),
         )
         release = Release(
-            model=self.plan.model,
-            revision=pulled.revision,
-            model_path=pulled.path,
-            port=self.plan.port or 0,
-            quantization=self.plan.quantization,
-            service_name=remote.service_name,
-            unit_text=unit_text,
-            extra={**state.to_file(), "venv": venv},
+            state=state, model_path=run.pulled.path, unit_text=unit_text, venv=run.venv
         )
-        releases = Releases(self.executor, remote.state_dir)
-        saved = releases.record(
+        return Releases(self.executor, remote.state_dir).record(
             release,
             env_source=f"{remote.service_dir}/service.env",
             keep=self.settings.service.keep_releases,
             operator=audit.operator_id(),
         )
-        write_file(
-            self.executor,
-            FileWrite(
-                f"{remote.state_dir}/{STATE_FILE_NAME}",
-                json.dumps({**json.loads(saved.to_json()), **state.to_file()}, indent=1) + "\n",
-                mode="0644",
-            ),
-        )
-        return saved
 
     def _audit(
-        self, outcome: str, *, error: str | None = None, details: dict | None = None
+        self, outcome: str, *, error: str | None = None, details: dict[str, Any] | None = None
     ) -> None:
         entry = audit.AuditEntry(
             command=self.options.command,
@@ -610,3 +510,15 @@ class Deployment:
             )
         except DeployError as exc:
             self.report.warn(f"could not append to the audit log: {exc}")
+
+
+__all__ = [
+    "ApplyOptions",
+    "ApplyResult",
+    "CodeBuilder",
+    "Deployment",
+    "Reporter",
+    "SilentReporter",
+    "SourceCheck",
+    "wait_healthy",
+]

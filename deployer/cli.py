@@ -3,10 +3,10 @@
     deploy-model NAME [--dry-run] [--json] [--force-quantize [4bit|8bit]] [--config PATH]
     deploy-model --list
 
-Exit codes: 0 a plan that can apply (or applied); 2 bad config, catalog or unknown model;
-3 host unreachable or authentication refused; 4 nothing fits (the plan is still printed);
-1 anything else. Errors are one line on stderr; a traceback only with ``--debug`` or
-``MODEL_DEPLOYER_DEBUG=1``.
+Exit codes (``EXIT_CODES``): 0 a plan that can apply (or applied); 2 bad config, catalog or
+unknown model; 3 host unreachable or authentication refused; 4 nothing fits (the plan is
+still printed); 5 another deploy holds the host lock; 1 anything else. Errors are one line
+on stderr; a traceback only with ``--debug`` or ``MODEL_DEPLOYER_DEBUG=1``.
 
 Only click and the error classes are imported at start-up, so ``--help`` is instant; the core
 (Fabric, pydantic models, Rich, and boto3 only once S3 is read) loads when a command runs.
@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, NoReturn
 
 import click
 
-from .errors import DeployError, PlanRefused
+from .core import Core, core_of
+from .errors import DeployError, DeployFailed, PlanRefused
 
 if TYPE_CHECKING:
     from click.shell_completion import CompletionItem
@@ -144,18 +145,22 @@ def apply_plan(
     force_unlock: bool,
     as_json: bool,
     auth: Auth,
+    core: Core,
 ) -> None:
     """Put ``plan`` on the host (``deployer.apply``): lock, re-check, pull, switch, verify."""
-    from .apply import ApplyOptions, Deployment
+    from .apply import ApplyOptions
     from .apply_view import ConsoleReporter, apply_json, render_result
     from .plan_view import plan_json
 
-    deployment = Deployment(
+    deployment = core.deployment(
         plan=plan,
         spec=catalog.get(plan.model),
         catalog=catalog,
         settings=settings,
         executor=executor,
+        check_source=core.check_source(settings),
+        build_code=core.build_code,
+        code_id=core.code_id,
         reporter=ConsoleReporter(console),
         options=ApplyOptions(
             lock_wait_s=lock_wait,
@@ -166,11 +171,10 @@ def apply_plan(
     )
     try:
         result = deployment.run()
-    except DeployError as exc:
-        journal = getattr(exc, "journal", "")
-        if journal:
+    except DeployFailed as exc:
+        if exc.journal:
             console.print("[bold]last lines of the service's journal:[/]")
-            console.print(journal, markup=False, highlight=False)
+            console.print(exc.journal, markup=False, highlight=False)
         raise
     if as_json:
         out = {**plan_json(plan), "apply": apply_json(result)}
@@ -315,20 +319,21 @@ def _run(
     catalog.get(name)  # unknown names fail here, before any connection
 
     from .auth import decide as decide_auth
-    from .make_plan import make_plan, open_host, s3_metadata
+    from .make_plan import make_plan
     from .plan_view import plan_to_json_text, render_plan
     from .planner import PlanFlags, with_auth
 
+    core = core_of(click.get_current_context().obj)
     flags = PlanFlags(force_quantize=force_quantize)  # type: ignore[arg-type]
     console = _console(as_json)
-    executor = open_host(settings, trust_new_host_key=trust_new_host_key)
+    executor = core.open_host(settings, trust_new_host_key=trust_new_host_key)
     try:
         result = make_plan(
             name,
             settings=settings,
             catalog=catalog,
             executor=executor,
-            metadata=s3_metadata(settings, catalog),
+            metadata=core.open_metadata(settings, catalog),
             flags=flags,
         )
         auth = decide_auth(executor, settings, no_auth=no_auth, yes=yes)
@@ -364,6 +369,7 @@ def _run(
             force_unlock=force_unlock,
             as_json=as_json,
             auth=auth,
+            core=core,
         )
         return 0
     finally:

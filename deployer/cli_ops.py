@@ -28,30 +28,30 @@ from .cli import (
     trust_new_host_key_option,
     yes_option,
 )
+from .core import Core, core_of
 
 if TYPE_CHECKING:
     from .config import Settings
-    from .ssh import SSHHost
+    from .ssh import Executor
 
 
 class _Ctx:
-    def __init__(self, config_path: str | None, trust: bool, debug: bool) -> None:
+    def __init__(self, config_path: str | None, trust: bool, debug: bool, core: Core) -> None:
         self.config_path = config_path
         self.trust = trust
         self.debug = debug
+        self.core = core
 
     def settings(self) -> Settings:
         from .config import load_settings
 
         return load_settings(self.config_path)
 
-    def host(self, settings: Settings) -> SSHHost:
-        from .make_plan import open_host
-
-        return open_host(settings, trust_new_host_key=self.trust)
+    def host(self, settings: Settings) -> Executor:
+        return self.core.open_host(settings, trust_new_host_key=self.trust)
 
 
-def _with_host(ctx: _Ctx, action: Callable[[Settings, SSHHost], int | None]) -> None:
+def _with_host(ctx: _Ctx, action: Callable[[Settings, Executor], int | None]) -> None:
     def work() -> int | None:
         settings = ctx.settings()
         host = ctx.host(settings)
@@ -86,7 +86,7 @@ def main(
     ctx: click.Context, config_path: str | None, trust_new_host_key: bool, debug: bool
 ) -> None:
     """Operate the model deployment on the GPU host."""
-    ctx.obj = _Ctx(config_path, trust_new_host_key, _debug_wanted(debug))
+    ctx.obj = _Ctx(config_path, trust_new_host_key, _debug_wanted(debug), core_of(ctx.obj))
 
 
 @main.command()
@@ -95,7 +95,7 @@ def main(
 def status(ctx: _Ctx, as_json: bool) -> None:
     """What runs on the host, and whether it is healthy (exit 1 when deployed but unhealthy)."""
 
-    def action(settings: Settings, host: SSHHost) -> int:
+    def action(settings: Settings, host: Executor) -> int:
         from .apply_view import render_status
         from .operations import service_status
 
@@ -116,7 +116,7 @@ def status(ctx: _Ctx, as_json: bool) -> None:
 def logs(ctx: _Ctx, lines: int, follow: bool) -> None:
     """The service's journal."""
 
-    def action(settings: Settings, host: SSHHost) -> None:
+    def action(settings: Settings, host: Executor) -> None:
         from .operations import stream_logs
 
         stream_logs(host, settings, lines=lines, follow=follow, on_line=click.echo)
@@ -139,7 +139,7 @@ def undeploy(
 ) -> None:
     """Stop and remove the inference service (unit, venv, env files); start Flux again."""
 
-    def action(settings: Settings, host: SSHHost) -> None:
+    def action(settings: Settings, host: Executor) -> None:
         from .consent import require
         from .operations import undeploy as run
 
@@ -165,7 +165,7 @@ def undeploy(
 def rollback(ctx: _Ctx, lock_wait: float, yes: bool) -> None:
     """Put the previous release (unit, env file, venv, weights) back and wait for health."""
 
-    def action(settings: Settings, host: SSHHost) -> None:
+    def action(settings: Settings, host: Executor) -> None:
         from .apply_view import ConsoleReporter
         from .consent import require
         from .operations import rollback as run
@@ -190,7 +190,7 @@ def rollback(ctx: _Ctx, lock_wait: float, yes: bool) -> None:
 def flux(ctx: _Ctx, action: str, lock_wait: float) -> None:
     """Start, stop or show the resident Flux service (changes take the host lock)."""
 
-    def run(settings: Settings, host: SSHHost) -> None:
+    def run(settings: Settings, host: Executor) -> None:
         from .operations import flux as do
 
         state = do(host, settings, action, lock_wait_s=lock_wait)
@@ -209,7 +209,7 @@ def flux(ctx: _Ctx, action: str, lock_wait: float) -> None:
 def audit(ctx: _Ctx, lines: int, as_json: bool, verify: bool) -> None:
     """The last entries of the host's audit log, or whether its chain holds."""
 
-    def action(settings: Settings, host: SSHHost) -> int | None:
+    def action(settings: Settings, host: Executor) -> int | None:
         from .operations import audit_tail
 
         if verify:
@@ -242,7 +242,7 @@ def audit(ctx: _Ctx, lines: int, as_json: bool, verify: bool) -> None:
 def unlock(ctx: _Ctx) -> None:
     """Break the host's deploy lock (only when its holder is surely gone)."""
 
-    def action(settings: Settings, host: SSHHost) -> None:
+    def action(settings: Settings, host: Executor) -> None:
         from .operations import unlock as run
 
         info = run(host, settings)

@@ -114,3 +114,25 @@ class ForeignUnit(DeployError):
 
 class HealthCheckTimeout(DeployError):
     pass
+
+
+class DeployFailed(DeployError):
+    """A deploy step failed and the steps done before it were undone (``undone``, newest
+    first); ``undo_errors`` name any undo that failed too; ``journal`` is the service's last
+    log lines, for the operator to read."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        step: str,
+        undone: list[str],
+        journal: str = "",
+        undo_errors: list[tuple[str, str]] | None = None,
+        hint: str | None = None,
+    ) -> None:
+        super().__init__(message, hint=hint)
+        self.step = step
+        self.undone = undone
+        self.journal = journal
+        self.undo_errors = undo_errors or []

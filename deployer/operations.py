@@ -5,23 +5,31 @@ Each function takes an executor and settings and returns plain data; the CLI ren
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
 
-from . import audit, commands, flux_parking
-from .apply import restore_file, wait_healthy
+from . import audit, commands
 from .config import Settings
 from .errors import DeployError, HealthCheckTimeout
-from .facts import STATE_FILE_NAME, HostFacts
+from .facts import HostFacts
+from .host_steps import (
+    Switch,
+    lock_step,
+    render_unit_step,
+    snapshot,
+    start_flux_step,
+    start_step,
+    stop_flux_step,
+    wait_healthy,
+    wait_healthy_step,
+)
 from .lock import HostLock, LockInfo, break_lock, lock_status
 from .operator_input import within
 from .probe import inspect_host
 from .releases import Release, Releases
-from .service_code import switch_venv_argv, venv_link
 from .ssh import Executor
 from .steps import Step, StepFailure, run_steps
 from .unit import (
@@ -31,7 +39,6 @@ from .unit import (
     env_file_path,
     refuse_foreign_unit,
     unit_path,
-    write_file,
 )
 
 GIB = 1024**3
@@ -171,19 +178,25 @@ def undeploy(
 
     ``purge_models`` deletes the model directories the release records name, and only those:
     other models under ``models_dir`` are not this tool's to delete. ``confirm`` is shown what
-    will change before anything does (it raises to stop)."""
+    will change before anything does (it raises to stop). Steps: lock, remove-service,
+    purge-models, start-flux, audit; none has an undo (removing is what was asked for, and
+    each is safe to run again)."""
     remote = settings.remote
     unit = remote.service_name
     lock = HostLock(executor, remote.state_dir, command="undeploy")
-    lock.acquire(wait_s=lock_wait_s)
+    switch = Switch(executor, settings)
+    releases = Releases(executor, remote.state_dir)
     removed: list[str] = []
-    try:
+
+    def check() -> None:
         refuse_foreign_unit(executor, settings)
-        releases = Releases(executor, remote.state_dir)
         running = releases.current()
-        flux_was_enabled = bool(running and running.extra.get("flux_was_enabled"))
-        models = sorted(releases.model_paths_in_use())
-        models = [m for m in models if _under_models_dir(m, remote.models_dir)]
+        flux.was_enabled = bool(running and running.state.flux_was_enabled)
+        models[:] = [
+            m
+            for m in sorted(releases.model_paths_in_use())
+            if _under_models_dir(m, remote.models_dir)
+        ]
         changes = []
         if executor.run(commands.test_path("-e", unit_path(settings)), check=False).ok:
             changes.append(f"stops and removes {unit}")
@@ -191,51 +204,65 @@ def undeploy(
             changes.append("deletes " + ", ".join(models))
         if confirm is not None:
             confirm(changes)
+
+    def remove_service() -> None:
         executor.run(commands.stop(unit), sudo=True, check=False)
         executor.run(commands.disable(unit), sudo=True, check=False)
         executor.run(commands.reset_failed(unit), sudo=True, check=False)
-        paths = [
-            unit_path(settings),
-            DISCOVERY_PROFILE,
-            DISCOVERY_ENVIRONMENT_D,
-            f"{remote.state_dir}/{STATE_FILE_NAME}",
-        ]
-        for path in paths:
+        paths = [unit_path(settings), DISCOVERY_PROFILE, DISCOVERY_ENVIRONMENT_D]
+        for path in [*paths, releases.current_path]:
             if executor.run(commands.test_path("-e", path), check=False).ok:
                 removed.append(path)
         executor.run(commands.remove(*paths), sudo=True)
+        releases.clear_current()
         executor.run(commands.remove_tree(remote.service_dir), sudo=True)
         removed.append(remote.service_dir)
-        if purge_models:
-            for path in models:
-                executor.run(commands.remove_tree(path), sudo=True)
-                removed.append(path)
-                # The model's own directory goes too once nothing but the pull's own
-                # bookkeeping (its lock file, staging) is left in it.
-                parent = path.rsplit("/", 1)[0]
-                others = executor.run(
-                    ["find", parent, "-mindepth", "1", "-maxdepth", "1", "!", "-name",
-                     ".pull.lock", "!", "-name", ".staging-*"],
-                    sudo=True,
-                    check=False,
-                )  # fmt: skip
-                if others.ok and not others.stdout.strip():
-                    executor.run(commands.remove_tree(parent), sudo=True)
         executor.run(commands.daemon_reload(), sudo=True)
-        state = "unchanged"
-        if start_flux:
-            # Back as it was before a replace deploy parked it: enabled again if it was.
-            flux_parking.unpark(executor, remote.flux_service, was_enabled=flux_was_enabled)
-            state = "active"
-        audit.append(
-            executor,
-            remote.state_dir,
-            audit.AuditEntry("undeploy", "ok", details={"removed": removed}),
-            python=remote.python,
-        )
+
+    def purge() -> None:
+        for path in models:
+            executor.run(commands.remove_tree(path), sudo=True)
+            removed.append(path)
+            # The model's own directory goes too once nothing but the pull's own
+            # bookkeeping (its lock file, staging) is left in it.
+            parent = path.rsplit("/", 1)[0]
+            others = executor.run(
+                ["find", parent, "-mindepth", "1", "-maxdepth", "1", "!", "-name",
+                 ".pull.lock", "!", "-name", ".staging-*"],
+                sudo=True,
+                check=False,
+            )  # fmt: skip
+            if others.ok and not others.stdout.strip():
+                executor.run(commands.remove_tree(parent), sudo=True)
+
+    def record() -> None:
+        entry = audit.AuditEntry("undeploy", "ok", details={"removed": removed})
+        audit.append(executor, remote.state_dir, entry, python=remote.python)
+
+    models: list[str] = []
+    flux = _FluxWas()
+    steps = [
+        lock_step(lock, wait_s=lock_wait_s),
+        Step("check", "refuse a unit that is not ours; confirm the changes", check),
+        Step("remove-service", f"stop, disable and remove {unit}", remove_service),
+        Step("purge-models", "delete the recorded model directories", purge,
+             skip=lambda: not purge_models),
+        Step("start-flux", "start Flux again", lambda: start_flux_step(
+            switch, was_enabled=flux.was_enabled).apply(), skip=lambda: not start_flux),
+        Step("audit", "append to the audit log", record),
+    ]  # fmt: skip
+    try:
+        run_steps(steps)
+    except StepFailure as failure:
+        raise failure.error from None
     finally:
         lock.release()
-    return UndeployResult(removed, state)
+    return UndeployResult(removed, "active" if start_flux else "unchanged")
+
+
+@dataclass
+class _FluxWas:
+    was_enabled: bool | None = None
 
 
 def rollback(
@@ -246,12 +273,14 @@ def rollback(
     on_health: Callable[[dict[str, Any]], None] | None = None,
     confirm: Confirm | None = None,
 ) -> Release:
-    """Put the previous release back (its unit, env file, venv and port) and wait for health."""
+    """Put the previous release back (its unit, env file, venv and port) and wait for health.
+
+    The same steps as a deploy's switch (``deployer.host_steps``), with the same undos: a
+    rollback that fails puts the current release back."""
     remote = settings.remote
-    unit = remote.service_name
     releases = Releases(executor, remote.state_dir)
     lock = HostLock(executor, remote.state_dir, command="rollback")
-    lock.acquire(wait_s=lock_wait_s)
+    lock_step(lock, wait_s=lock_wait_s).apply()
     started = time.monotonic()
     try:
         refuse_foreign_unit(executor, settings)
@@ -259,85 +288,38 @@ def rollback(
         target = releases.previous()
         if target is None:
             raise DeployError("no previous release to roll back to")
-        if not target.env_file or not target.extra.get("venv"):
+        if not target.env_file or not target.venv:
             raise DeployError(f"release #{target.number} lacks its env file or venv")
         if confirm is not None:
             running = f"{current.model} (release #{current.number})" if current else "the service"
             confirm([f"replaces {running} with release #{target.number} ({target.model})"])
         env_text = executor.run(["cat", "--", target.env_file], sudo=True).stdout
         facts: HostFacts = inspect_host(executor, remote)
-        old_unit = executor.run(["cat", "--", unit_path(settings)], sudo=True, check=False)
-        old_env = executor.run(["cat", "--", env_file_path(settings)], sudo=True, check=False)
-        old_venv = executor.run(["readlink", "--", venv_link(settings)], check=False)
-        user = remote.service_user
-        flux_must_stop = bool(target.extra.get("flux_stopped")) and facts.flux.active
-
-        def install() -> None:
-            write_file(executor, FileWrite(env_file_path(settings), env_text, "0600", user))
-            write_file(executor, FileWrite(unit_path(settings), target.unit_text))
-            for argv in switch_venv_argv(settings, str(target.extra["venv"])):
-                executor.run(argv, sudo=True)
-            executor.run(commands.daemon_reload(), sudo=True)
-
-        def uninstall() -> None:
-            restore_file(
-                executor,
-                FileWrite(env_file_path(settings), "", "0600", user),
-                old_env.stdout if old_env.ok else None,
-            )
-            restore_file(
-                executor,
-                FileWrite(unit_path(settings), ""),
-                old_unit.stdout if old_unit.ok else None,
-            )
-            if old_venv.ok and old_venv.stdout.strip():
-                for argv in switch_venv_argv(settings, old_venv.stdout.strip()):
-                    executor.run(argv, sudo=True)
-            executor.run(commands.daemon_reload(), sudo=True)
-            executor.run(commands.restart(unit), sudo=True, check=False)
-
-        def wait() -> None:
-            wait_healthy(
-                executor,
-                settings,
+        writes = [
+            FileWrite(env_file_path(settings), env_text, "0600", remote.service_user),
+            FileWrite(unit_path(settings), target.unit_text),
+        ]
+        switch = Switch(executor, settings, talk=_HealthTalk(on_health))
+        switch.before = snapshot(executor, settings, [w.path for w in writes], facts)
+        venv = target.venv
+        now_enabled = switch.before.flux_enabled
+        wants_flux_parked = target.state.flux_stopped
+        steps = [render_unit_step(switch, lambda: writes, lambda: venv)]
+        if wants_flux_parked and (facts.flux.active or now_enabled):
+            steps.append(stop_flux_step(switch, was_enabled=lambda: now_enabled))
+        steps.append(start_step(switch))
+        steps.append(
+            wait_healthy_step(
+                switch,
                 port=target.port,
                 model=target.model,
                 timeout_s=settings.service.health_timeout_s,
-                on_event=on_health,
-            )
-
-        steps = [Step("render-unit", "restore the previous unit", install, uninstall)]
-        now_enabled = flux_parking.is_enabled(executor, remote.flux_service)
-        if flux_must_stop or (target.extra.get("flux_stopped") and now_enabled):
-            steps.append(
-                Step(
-                    "stop-flux",
-                    "stop and disable Flux",
-                    lambda: flux_parking.park(executor, remote.flux_service),
-                    lambda: flux_parking.unpark(
-                        executor, remote.flux_service, was_enabled=now_enabled, start=True
-                    ),
-                )
-            )
-        steps.append(
-            Step(
-                "start",
-                "restart the service",
-                lambda: executor.run(commands.restart(unit), sudo=True),
+                into={},
             )
         )
-        steps.append(Step("wait-healthy", "wait for health", wait))
-        if not target.extra.get("flux_stopped") and not facts.flux.active:
-            parked_enabled = bool(current and current.extra.get("flux_was_enabled"))
-            steps.append(
-                Step(
-                    "start-flux",
-                    "start Flux again (and enable it, if it was)",
-                    lambda: flux_parking.unpark(
-                        executor, remote.flux_service, was_enabled=parked_enabled
-                    ),
-                )
-            )
+        if not wants_flux_parked and not facts.flux.active:
+            parked = current.state.flux_was_enabled if current else None
+            steps.append(start_flux_step(switch, was_enabled=bool(parked)))
         try:
             run_steps(steps)
         except StepFailure as failure:
@@ -345,18 +327,7 @@ def rollback(
                 f"rollback to #{target.number} failed at {failure.step}: {failure.error}; "
                 f"release #{current.number if current else '?'} restored"
             ) from None
-        state = {
-            **json.loads(target.to_json()),
-            **{k: v for k, v in target.extra.items() if k != "venv"},
-        }
         releases.set_current(target)
-        # set_current writes the Release form; keep the probe's keys too.
-        write_file(
-            executor,
-            FileWrite(
-                f"{remote.state_dir}/{STATE_FILE_NAME}", json.dumps(state, indent=1) + "\n", "0644"
-            ),
-        )
         audit.append(
             executor,
             remote.state_dir,
@@ -372,6 +343,18 @@ def rollback(
         return target
     finally:
         lock.release()
+
+
+@dataclass
+class _HealthTalk:
+    on_health: Callable[[dict[str, Any]], None] | None
+
+    def info(self, message: str) -> None:
+        return None
+
+    def health(self, event: dict[str, Any]) -> None:
+        if self.on_health is not None:
+            self.on_health(event)
 
 
 def audit_tail(executor: Executor, settings: Settings, n: int) -> list[dict[str, Any]]:

@@ -94,9 +94,16 @@ class Headroom(_Data):
     notes: list[str] = []
 
 
+StepParam = str | int | float | bool | None
+
+
 class PlanStep(_Data):
+    """One step of the deploy: ``name`` picks what apply runs (``deployer.apply.STEPS``),
+    ``params`` are what the plan decided for it, ``description`` says it in words."""
+
     name: str
     description: str
+    params: dict[str, StepParam] = {}
 
 
 class Option(_Data):
@@ -320,8 +327,8 @@ def headroom(
                 )
                 share = 0
             freed += share
-        raw = gpu.free_bytes + freed
-        key = (raw, -gpu.index, freed, gpu)
+        gpu_room = gpu.free_bytes + freed
+        key = (gpu_room, -gpu.index, freed, gpu)
         if best is None or key[:2] > best[:2]:
             best = key
     disk_free = facts.disk.free_bytes if facts.disk else 0
@@ -865,57 +872,73 @@ def _steps(
             name="pull-weights",
             description=f"the host downloads {service.weights_uri} "
             f"({size_text(need.disk_bytes)}) to {service.weights_dir}",
+            params={"source": service.weights_uri, "target": service.weights_dir},
         ),
+    ]
+    bootstrap = spec.bootstrap
+    if bootstrap is not None and bootstrap.step == "after-pull":
+        steps.append(_bootstrap_step(bootstrap.script, bootstrap.step))
+    steps.append(
         PlanStep(
             name="render-unit",
             description=f"write {service.unit} (port {port}, GPU {service.gpu_index}, "
             f"{service.quantization}, MemoryMax={service.memory_max}, "
             f"CPUQuota={service.cpu_quota}) and reload systemd",
-        ),
-    ]
+            params={"unit": service.unit, "port": port},
+        )
+    )
     if stop_flux:
         steps.append(
             PlanStep(
                 name="stop-flux",
                 description=f"stop {facts.flux.name} to free port {port} and its memory "
                 f"(undo: start it again)",
+                params={"unit": facts.flux.name},
             )
         )
+    if bootstrap is not None and bootstrap.step == "before-start":
+        steps.append(_bootstrap_step(bootstrap.script, bootstrap.step))
     replacing = ""
     if facts.inference.active:
         old = facts.deployed.model if facts.deployed else "the running model"
         replacing = f", replacing {old}"
+    timeout_s = settings.service.health_timeout_s
     steps += [
-        PlanStep(name="start", description=f"start {service.unit}{replacing}"),
+        PlanStep(
+            name="start",
+            description=f"start {service.unit}{replacing}",
+            params={"unit": service.unit},
+        ),
         PlanStep(
             name="wait-healthy",
             description=f"wait until http://127.0.0.1:{port}/health is ok and /status names "
-            f"{spec.name} (timeout {settings.service.health_timeout_s:g}s)",
+            f"{spec.name} (timeout {timeout_s:g}s)",
+            params={"port": port, "model": spec.name, "timeout_s": timeout_s},
         ),
+    ]
+    if bootstrap is not None and bootstrap.step == "after-start":
+        steps.append(_bootstrap_step(bootstrap.script, bootstrap.step))
+    steps += [
         PlanStep(
             name="write-discovery-env",
             description=f"publish the endpoint for discovery (ASOBA_INFERENCE_PORT={port}, "
             f"MISTRAL_STATUS_URL=http://localhost:{port}/status)",
+            params={"port": port},
         ),
         PlanStep(
             name="audit",
             description=f"record {remote.state_dir}/current.json and append to the audit log",
         ),
     ]
-    if spec.bootstrap is not None:
-        at = {"after-pull": "pull-weights", "before-start": "start", "after-start": "start"}
-        anchor = at[spec.bootstrap.step]
-        index = next(i for i, s in enumerate(steps) if s.name == anchor)
-        if spec.bootstrap.step != "before-start":
-            index += 1
-        steps.insert(
-            index,
-            PlanStep(
-                name="bootstrap",
-                description=f"run {spec.bootstrap.script} on the host ({spec.bootstrap.step})",
-            ),
-        )
     return steps
+
+
+def _bootstrap_step(script: str, when: str) -> PlanStep:
+    return PlanStep(
+        name="bootstrap",
+        description=f"run {script} on the host ({when})",
+        params={"script": script, "when": when},
+    )
 
 
 # Field order of the JSON the CLI prints: the issue's required keys first.

@@ -18,6 +18,7 @@ from .config import RemoteConfig
 from .errors import CommandResult, ProbeError
 from .facts import HostFacts
 from .operator_input import describe
+from .releases import current_path
 from .ssh import Executor
 
 PROBE_SCRIPT = Path(__file__).resolve().parent / "remote" / "probe_host.py"
@@ -38,8 +39,8 @@ def probe_command(remote: RemoteConfig, *, command_timeout: float = COMMAND_TIME
         "-",
         "--models-dir",
         remote.models_dir,
-        "--state-dir",
-        remote.state_dir,
+        "--state-file",
+        current_path(remote.state_dir),
         "--flux-unit",
         remote.flux_service,
         "--inference-unit",

@@ -2,58 +2,91 @@
 
 Under ``<state_dir>``::
 
-    current.json            the release now running (a copy of its releases/<n>.json)
+    current.json            the release now running (a copy of its releases/<n>.json), 0644:
+                            the unprivileged probe reads it as the host's ``DeploymentState``
     releases/<n>.json       every recorded release, n = 1, 2, 3 ... (the last N are kept)
     releases/<n>.env        that release's service.env, 0600 as the original (it holds the key)
 
-A release records what is needed to put it back: the model, its revision and directory, the
-port, quantization, the unit file's text and the saved env file. Writes go through
+``Releases`` is the only writer of these files, and a ``Release`` is their one schema: the
+``DeploymentState`` the probe reads (model, revision, port, quantization, Flux parking, code
+and lock ids) at the top level, and beside it what is needed to put the release back (the
+model directory, the unit file's text, the venv and the saved env file). Writes go through
 ``unit.write_file`` (sudo, temp name, then ``mv -T``), so ``current.json`` is never half
-written.
+written. Records written before this schema (release fields plus an ``extra`` object) are
+read too.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from . import commands
+from .facts import DeploymentState
 from .unit import FileWrite, write_file
 
 if TYPE_CHECKING:
     from .ssh import Executor
 
+#: The record of the running deployment, under ``state_dir``; the probe is told its path.
 CURRENT = "current.json"
 RELEASES = "releases"
 _RELEASE_RE = re.compile(r"^(\d{1,9})\.json$")
+#: The keys a release adds beside its ``DeploymentState``.
+_RECORD_KEYS = ("model_path", "unit_text", "venv", "number", "time", "operator", "env_file")
+
+
+def current_path(state_dir: str) -> str:
+    return f"{state_dir.rstrip('/')}/{CURRENT}"
 
 
 @dataclass(frozen=True)
 class Release:
-    model: str
-    revision: str
+    state: DeploymentState
     model_path: str
-    port: int
-    quantization: str
-    service_name: str
     unit_text: str = field(repr=False)
+    venv: str | None = None
     number: int = 0
     time: str = ""
     operator: str = ""
     env_file: str | None = None  # the saved copy of service.env
-    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def model(self) -> str:
+        return self.state.model
+
+    @property
+    def revision(self) -> str:
+        return self.state.revision or ""
+
+    @property
+    def port(self) -> int:
+        return self.state.port
+
+    @property
+    def quantization(self) -> str:
+        return self.state.quantization
+
+    @property
+    def service_name(self) -> str:
+        return self.state.service or ""
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1, sort_keys=True) + "\n"
+        record = {key: getattr(self, key) for key in _RECORD_KEYS}
+        return json.dumps({**self.state.to_file(), **record}, indent=1, sort_keys=True) + "\n"
 
     @classmethod
     def from_json(cls, text: str) -> Release:
-        data = json.loads(text)
-        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        return cls(**known)
+        data: dict[str, Any] = json.loads(text)
+        if isinstance(data.get("extra"), dict):  # the schema before DeploymentState moved in
+            data = {**data, **data.pop("extra")}
+            data.setdefault("service", data.get("service_name"))
+        record = {key: data.pop(key) for key in _RECORD_KEYS if key in data}
+        data.pop("service_name", None)
+        return cls(state=DeploymentState.model_validate(data), **record)
 
     def summary(self) -> str:
         return (
@@ -70,6 +103,7 @@ class Releases:
         self.state_dir = state_dir.rstrip("/")
         self.dir = f"{self.state_dir}/{RELEASES}"
         self.sudo = sudo
+        self.current_path = current_path(self.state_dir)
 
     def _cat(self, path: str) -> str | None:
         result = self.executor.run(["cat", "--", path], sudo=self.sudo, check=False)
@@ -87,7 +121,7 @@ class Releases:
         return Release.from_json(text) if text else None
 
     def current(self) -> Release | None:
-        text = self._cat(f"{self.state_dir}/{CURRENT}")
+        text = self._cat(current_path(self.state_dir))
         return Release.from_json(text) if text else None
 
     def previous(self) -> Release | None:
@@ -125,8 +159,14 @@ class Releases:
         return saved
 
     def set_current(self, release: Release) -> None:
-        path = f"{self.state_dir}/{CURRENT}"
-        write_file(self.executor, FileWrite(path, release.to_json(), mode="0600"))
+        """Make ``release`` the running one. World-readable: the unprivileged probe reads it,
+        and it holds no secret (the key stays in the 0600 env copy it only names)."""
+        path = current_path(self.state_dir)
+        write_file(self.executor, FileWrite(path, release.to_json(), mode="0644"))
+
+    def clear_current(self) -> None:
+        """Nothing of ours runs any more (undeploy); the kept releases stay."""
+        self.executor.run(commands.remove(current_path(self.state_dir)), sudo=self.sudo)
 
     def prune(self, keep: int) -> list[int]:
         """Remove all but the newest ``keep`` releases (never the current one)."""

@@ -20,8 +20,8 @@ class Step:
     description: str
     apply: Action
     undo: Action | None = None
-    #: The first step that changes the host; failures before it need no rollback.
-    changes_host: bool = True
+    #: Asked when the step's turn comes; True: nothing to do (reported as ``skip``, no undo).
+    skip: Callable[[], bool] | None = None
 
 
 @dataclass
@@ -45,6 +45,9 @@ def run_steps(steps: Sequence[Step], report: Reporter = _quiet) -> list[str]:
     """Run ``steps`` in order; on failure undo the completed ones and raise ``StepFailure``."""
     done: list[Step] = []
     for step in steps:
+        if step.skip is not None and step.skip():
+            report("skip", step.name)
+            continue
         report("start", step.name)
         try:
             step.apply()

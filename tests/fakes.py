@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from deployer.errors import CommandResult, RemoteCommandFailed
-from deployer.facts import HostFacts
+from deployer.facts import DeploymentState, HostFacts
+from deployer.releases import Release
 from deployer.ssh import remote_command
 
 GB = 1_000_000_000
@@ -370,3 +371,21 @@ def fake_pynvml(shim_dir: Path) -> dict[str, str]:
 
 
 PYTHON = sys.executable
+
+
+def make_release(
+    model: str,
+    revision: str = "r1",
+    model_path: str | None = None,
+    port: int = 8001,
+    quantization: str = "none",
+    service: str = "asoba-inference.service",
+    unit_text: str = "[Service]\nExecStart=/bin/true\n",
+    **record: Any,
+) -> Release:
+    """A ``Release`` as apply records one (the state the probe reads, and the record)."""
+    state = DeploymentState(
+        model=model, revision=revision, port=port, quantization=quantization, service=service
+    )
+    path = model_path or f"/opt/models/{model}/{revision}"
+    return Release(state=state, model_path=path, unit_text=unit_text, **record)

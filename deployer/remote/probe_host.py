@@ -3,7 +3,7 @@
 Stdlib only, Python 3.8+: it runs with the host's stock ``python3``. model-deployer sends this
 file on stdin to one remote command::
 
-    python3 - --models-dir /opt/models --state-dir /var/lib/model-deployer \
+    python3 - --models-dir /opt/models --state-file /var/lib/model-deployer/current.json \
         --flux-unit flux-api.service --inference-unit asoba-inference.service
 
 It reads /proc and /sys directly where it can, and starts its few commands (systemctl, the
@@ -26,7 +26,6 @@ import time
 
 PROBE_VERSION = 1
 MIB = 1024 * 1024
-STATE_FILE_NAME = "current.json"
 STATE_FILE_MAX = 64 * 1024
 UNIT_PROPERTIES = "Id,LoadState,ActiveState,SubState,MainPID,MemoryCurrent,NRestarts,ControlGroup"
 GPU_QUERY = "index,uuid,name,memory.total,memory.used,memory.free,driver_version"
@@ -455,8 +454,7 @@ def torch_cuda():
     return match.group(1) if match else None
 
 
-def deployed(state_dir):
-    path = os.path.join(state_dir, STATE_FILE_NAME)
+def deployed(path):
     try:
         text = read_text(path, limit=STATE_FILE_MAX + 1)
     except FileNotFoundError:
@@ -506,7 +504,7 @@ def probe(args):
         "listeners": listeners(errors),
         "software": _part(errors, "software", software) or {"python": platform.python_version()},
     }
-    state, state_error = deployed(args.state_dir)
+    state, state_error = deployed(args.state_file)
     facts["deployed"] = state
     facts["deployed_error"] = state_error
     if gpu is None:
@@ -527,7 +525,7 @@ def probe(args):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="probe_host", description=__doc__.splitlines()[0])
     parser.add_argument("--models-dir", required=True)
-    parser.add_argument("--state-dir", required=True)
+    parser.add_argument("--state-file", required=True, help="the deployer's current record")
     parser.add_argument("--flux-unit", required=True)
     parser.add_argument("--inference-unit", required=True)
     parser.add_argument("--timeout", type=float, default=10.0, help="per command, seconds")

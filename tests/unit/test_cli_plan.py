@@ -11,8 +11,9 @@ from typing import Any, ClassVar
 import pytest
 from click.testing import CliRunner, Result
 
-from deployer import cli, make_plan
+from deployer import cli
 from deployer.catalog import load_catalog
+from deployer.core import Core
 from deployer.errors import AuthError, CommandResult, ConnectError
 from deployer.model_meta import StaticMetadata, meta_from_tensors
 from tests import model_shapes as ms
@@ -50,6 +51,24 @@ class Host:
     def s3_metadata(self, settings: Any, catalog: Any) -> StaticMetadata:
         return StaticMetadata(self.metas, bucket=catalog.bucket)
 
+    def core(self) -> Core:
+        return Core(
+            open_host=self.open_host,
+            open_metadata=self.s3_metadata,
+            deployment=FakeDeployment,
+            check_source=lambda settings: lambda bucket, prefix: None,
+        )
+
+
+# The core the CLI runs on in each test (Click's context object): the fake host's, else the
+# real one.
+CORES: list[Core] = []
+
+
+@pytest.fixture(autouse=True)
+def _fresh_core() -> None:
+    CORES.clear()
+
 
 @pytest.fixture
 def host(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Host:
@@ -62,13 +81,14 @@ def host(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Host:
     config.write_text('[host]\naddress = "10.9.9.9"\n')
     monkeypatch.setenv("MODEL_DEPLOYER_CONFIG", str(config))
     fake = Host()
-    monkeypatch.setattr(make_plan, "open_host", fake.open_host)
-    monkeypatch.setattr(make_plan, "s3_metadata", fake.s3_metadata)
+    CORES[:] = [fake.core()]
+    FakeDeployment.calls = []
+    FakeDeployment.error = None
     return fake
 
 
 def run(*args: str, env: dict[str, str] | None = None) -> Result:
-    return CliRunner().invoke(cli.main, list(args), env=env)
+    return CliRunner().invoke(cli.main, list(args), env=env, obj=CORES[-1] if CORES else None)
 
 
 def test_dry_run_renders_the_plan(host: Host) -> None:
@@ -248,12 +268,8 @@ class FakeDeployment:
 
 
 @pytest.fixture
-def deployment(monkeypatch: pytest.MonkeyPatch) -> type[FakeDeployment]:
-    import deployer.apply
-
-    FakeDeployment.calls = []
-    FakeDeployment.error = None
-    monkeypatch.setattr(deployer.apply, "Deployment", FakeDeployment)
+def deployment(host: Host) -> type[FakeDeployment]:
+    """The deployment the CLI makes (``Core.deployment``) records what it is handed."""
     return FakeDeployment
 
 
@@ -284,11 +300,14 @@ def test_apply_hands_the_shown_plan_to_the_deployment(
 def test_apply_failure_is_one_line_with_the_journal_shown(
     host: Host, deployment: type[FakeDeployment]
 ) -> None:
-    from deployer.errors import DeployError
+    from deployer.errors import DeployFailed
 
-    error = DeployError("deploy of demo-tiny failed at wait-healthy: boom; rolled back (start)")
-    error.journal = "Nov 23 service[1]: OSError: weights unreadable"  # type: ignore[attr-defined]
-    deployment.error = error
+    deployment.error = DeployFailed(
+        "deploy of demo-tiny failed at wait-healthy: boom; rolled back (start)",
+        step="wait-healthy",
+        undone=["start"],
+        journal="Nov 23 service[1]: OSError: weights unreadable",
+    )
     result = run("demo-tiny")
     assert result.exit_code == 1
     assert "weights unreadable" in result.stdout

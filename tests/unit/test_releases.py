@@ -7,19 +7,12 @@ import stat
 from pathlib import Path
 
 from deployer.releases import Release, Releases
+from tests.fakes import make_release
 from tests.local_executor import LocalExecutor
 
 
 def release(model: str, port: int = 8001) -> Release:
-    return Release(
-        model=model,
-        revision="r1",
-        model_path=f"/opt/models/{model}/r1",
-        port=port,
-        quantization="none",
-        service_name="asoba-inference.service",
-        unit_text="[Service]\nExecStart=/bin/true\n",
-    )
+    return make_release(model, port=port)
 
 
 def test_record_current_previous_and_prune(tmp_path: Path) -> None:
@@ -34,7 +27,10 @@ def test_record_current_previous_and_prune(tmp_path: Path) -> None:
     saved_env = Path(first.env_file or "")
     assert saved_env.read_text() == "ASOBA_API_KEY=k\n"
     assert stat.S_IMODE(saved_env.stat().st_mode) == 0o600
-    assert stat.S_IMODE((tmp_path / "state" / "current.json").stat().st_mode) == 0o600
+    # The record the unprivileged probe reads: readable, and without the key (only its path).
+    current = tmp_path / "state" / "current.json"
+    assert stat.S_IMODE(current.stat().st_mode) == 0o644
+    assert "ASOBA_API_KEY" not in current.read_text()
 
     store.record(release("b"), env_source=str(env))
     third = store.record(release("c", 8000), env_source=str(env), keep=2)

@@ -25,6 +25,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import boto3.session
 import fabric
 import paramiko
 import pytest
@@ -33,13 +34,13 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from deployer import cli, cli_ops, make_plan, model_meta
-from deployer import pull as pull_module
+from deployer import cli, cli_ops
 from deployer.audit import AuditEntry
 from deployer.audit import append as audit_append
 from deployer.audit import tail as audit_tail
 from deployer.catalog import load_catalog, parse_catalog
 from deployer.config import HostConfig, InstallConfig, S3Config, Settings, load_settings
+from deployer.core import Core
 from deployer.errors import CatalogError, ConfigError, ConnectError, DeployError
 from deployer.lock import HostLock
 from deployer.pull import pull_request, run_pull
@@ -47,6 +48,7 @@ from deployer.releases import Release, Releases
 from deployer.service_code import install_venv
 from deployer.ssh import SSHHost
 from deployer.unit import FileWrite, write_file
+from tests.fakes import make_release
 from tests.local_executor import LocalExecutor
 
 CATALOG = load_catalog()
@@ -91,6 +93,14 @@ class Tripwire:
 
     attempts: list[str] = field(default_factory=list)
 
+    def core(self) -> Core:
+        """The CLIs' way out (Click's context object), every door a tripwire."""
+        return Core(
+            open_host=self.hook("open_host"),
+            open_metadata=self.hook("open_metadata"),
+            check_source=self.hook("check_source"),
+        )
+
     def hook(self, what: str) -> Any:
         def refuse(*args: object, **kwargs: object) -> None:
             self.attempts.append(what)
@@ -102,19 +112,19 @@ class Tripwire:
 @pytest.fixture
 def tripwire(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Tripwire:
     wire = Tripwire()
-    monkeypatch.setattr(SSHHost, "__init__", wire.hook("SSHHost.__init__"))
-    monkeypatch.setattr(SSHHost, "open", wire.hook("SSHHost.open"))
-    monkeypatch.setattr(SSHHost, "run", wire.hook("SSHHost.run"))
+    # Below the core too, should any path go around it: the libraries' own connects.
     monkeypatch.setattr(fabric.Connection, "open", wire.hook("fabric.Connection.open"))
     monkeypatch.setattr(paramiko.SSHClient, "connect", wire.hook("paramiko.SSHClient.connect"))
-    monkeypatch.setattr(model_meta, "make_s3_client", wire.hook("make_s3_client"))
-    monkeypatch.setattr(make_plan, "make_s3_client", wire.hook("make_s3_client"))
-    monkeypatch.setattr(pull_module, "s3_client", wire.hook("s3_client"))
+    monkeypatch.setattr(boto3.session.Session, "client", wire.hook("boto3.client"))
     # A configured host, so only the name can stop the command; no ./model-deployer.toml.
     monkeypatch.setenv("MODEL_DEPLOYER_HOST__ADDRESS", "192.0.2.1")
     monkeypatch.setenv("MODEL_DEPLOYER_HOST__KNOWN_HOSTS", str(tmp_path / "known_hosts"))
     monkeypatch.chdir(tmp_path)
+    TRIPWIRES[:] = [wire]
     return wire
+
+
+TRIPWIRES: list[Tripwire] = []
 
 
 def one_error_line(stderr: str) -> str:
@@ -126,7 +136,7 @@ def one_error_line(stderr: str) -> str:
 
 
 def deploy(args: list[str]) -> Any:
-    return CliRunner().invoke(cli.main, args)
+    return CliRunner().invoke(cli.main, args, obj=TRIPWIRES[-1].core())
 
 
 # ------------------------------------------------------------------------------ deploy-model
@@ -137,8 +147,8 @@ def test_tripwire_fires_for_a_valid_name(tripwire: Tripwire) -> None:
     for args in (["demo-tiny", "--dry-run"], ["demo-tiny"]):
         result = deploy(args)
         assert result.exit_code == 3, result.output
-        assert "tripwire: SSHHost.__init__" in one_error_line(result.stderr)
-    assert tripwire.attempts == ["SSHHost.__init__", "SSHHost.__init__"]
+        assert "tripwire: open_host" in one_error_line(result.stderr)
+    assert tripwire.attempts == ["open_host", "open_host"]
 
 
 @pytest.mark.parametrize("name", HOSTILE_NAMES)
@@ -194,7 +204,7 @@ def test_only_catalog_names_ever_reach_the_host(tripwire: Tripwire, name: str) -
     tripwire.attempts.clear()
     result = deploy(["--dry-run", "--", name])
     if name in CATALOG.models:
-        assert result.exit_code == 3 and tripwire.attempts == ["SSHHost.__init__"]
+        assert result.exit_code == 3 and tripwire.attempts == ["open_host"]
     else:
         assert result.exit_code == 2, result.output
         assert "model" in one_error_line(result.stderr)  # invalid model name / unknown model
@@ -220,7 +230,7 @@ OPS_PAYLOADS = [
 
 
 def ops(args: list[str]) -> Any:
-    return CliRunner().invoke(cli_ops.main, args)
+    return CliRunner().invoke(cli_ops.main, args, obj=TRIPWIRES[-1].core())
 
 
 def test_model_deployer_subcommands_take_no_model_name() -> None:
@@ -234,7 +244,7 @@ def test_model_deployer_tripwire_fires_without_payload(tripwire: Tripwire) -> No
         tripwire.attempts.clear()
         result = ops(args)
         assert result.exit_code == 3, (args, result.output)
-        assert tripwire.attempts == ["SSHHost.__init__"]
+        assert tripwire.attempts == ["open_host"]
 
 
 @pytest.mark.parametrize("payload", OPS_PAYLOADS)
@@ -735,13 +745,10 @@ def test_real_code_paths_send_payload_laden_arguments_quoted(tmp_path: Path, san
     with pytest.raises(DeployError):
         HostLock(host, hostile_dir, command=word, warn=lambda _: None).acquire()
     store = Releases(host, hostile_dir)
-    release = Release(
-        model=word,
-        revision="r1",
+    release = make_release(
+        word,
         model_path=f"{hostile_dir}/models/{PAYLOAD_WORDS[1]}",
-        port=8001,
-        quantization="none",
-        service_name="x.service",
+        service="x.service",
         unit_text="[Service]\n",
     )
     store.record(release, env_source=f"{hostile_dir}/{PAYLOAD_WORDS[2]}.env")
@@ -806,7 +813,7 @@ def test_hostile_state_dir_on_a_real_file_system(tmp_path: Path, sandbox: Path) 
     store = Releases(executor, str(state))
     for model in PAYLOAD_WORDS[3:6]:
         store.record(
-            Release(model, "r1", f"/opt/{model}", 8001, "none", "x.service", "u"),
+            make_release(model, model_path=f"/opt/{model}", service="x.service", unit_text="u"),
             env_source=str(env_file),
             keep=2,
         )
