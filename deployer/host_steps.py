@@ -186,11 +186,17 @@ def render_unit_step(
     ex, settings = switch.executor, switch.settings
 
     def install() -> None:
-        for write in writes():
-            write_file(ex, write)
-        for argv in switch_venv_argv(settings, venv()):
-            ex.run(argv, sudo=True)
-        ex.run(commands.daemon_reload(), sudo=True)
+        try:
+            for write in writes():
+                write_file(ex, write)
+            for argv in switch_venv_argv(settings, venv()):
+                ex.run(argv, sudo=True)
+            ex.run(commands.daemon_reload(), sudo=True)
+        except BaseException:
+            # A step that fails part-way is not undone by the walk back (it did not
+            # complete), so it puts back what it wrote itself: all or nothing.
+            uninstall()
+            raise
 
     def uninstall() -> None:
         before = switch.was
@@ -283,8 +289,12 @@ def publish_step(switch: Switch, writes: Callable[[], list[FileWrite]]) -> Step:
     ex = switch.executor
 
     def publish() -> None:
-        for write in writes():
-            write_file(ex, write)
+        try:
+            for write in writes():
+                write_file(ex, write)
+        except BaseException:
+            unpublish()  # all or nothing, as render-unit
+            raise
 
     def unpublish() -> None:
         for write in writes():
