@@ -13,6 +13,7 @@ import logging
 import re
 import threading
 import time
+from collections.abc import Callable
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
@@ -23,7 +24,13 @@ def printable(text: str, limit: int = 512) -> str:
 
 
 class RateLimitFilter(logging.Filter):
-    def __init__(self, period: float = 10.0, level: int = logging.WARNING) -> None:
+    def __init__(
+        self,
+        period: float = 10.0,
+        level: int = logging.WARNING,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.clock = clock
         super().__init__()
         self.period = period
         self.level = level
@@ -35,7 +42,7 @@ class RateLimitFilter(logging.Filter):
         if record.levelno < self.level:
             return True
         key = (record.name, str(record.msg))
-        now = time.monotonic()
+        now = self.clock()
         with self._lock:
             last = self._last.get(key)
             if last is not None and now - last < self.period:

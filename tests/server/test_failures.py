@@ -88,6 +88,7 @@ def test_nvml_figures_are_mib_summed_over_gpus(monkeypatch: pytest.MonkeyPatch) 
         nvmlDeviceGetName=lambda h: b"NVIDIA A10G",
     )
     monkeypatch.setitem(sys.modules, "pynvml", fake)
+    # gpu loads NVML once per process and keeps it: forget it, so this test's pynvml is used.
     monkeypatch.setattr(gpu, "_nvml", None)
     mem = gpu.gpu_memory()
     assert (mem.used_mib, mem.total_mib, mem.name, mem.count) == (2001, 46056, "NVIDIA A10G", 2)
@@ -98,5 +99,6 @@ def test_no_nvml_means_zeros(monkeypatch: pytest.MonkeyPatch) -> None:
         raise OSError("libnvidia-ml.so.1: cannot open shared object file")
 
     monkeypatch.setitem(sys.modules, "pynvml", types.SimpleNamespace(nvmlInit=broken_init))
+    # As above: the process-wide NVML handle is forgotten so the broken one is loaded.
     monkeypatch.setattr(gpu, "_nvml", None)
     assert gpu.gpu_memory() == gpu.GpuMemory(0, 0, None, 0)

@@ -17,8 +17,7 @@ def test_a_repeated_error_is_written_once_per_period_with_a_count(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     now = [1000.0]
-    monkeypatch.setattr("remote_service.log_filters.time.monotonic", lambda: now[0])
-    f = RateLimitFilter(period=10.0)
+    f = RateLimitFilter(period=10.0, clock=lambda: now[0])
     accept = "socket.accept() out of system resource"
     assert f.filter(record(accept))
     assert sum(f.filter(record(accept)) for _ in range(36_656)) == 0
