@@ -357,6 +357,81 @@ class _HealthTalk:
             self.on_health(event)
 
 
+@dataclass(frozen=True)
+class ModelOnDisk:
+    """One ``<models_dir>/<name>/<revision>`` directory on the host."""
+
+    name: str
+    revision: str
+    path: str
+    size_bytes: int
+    live: bool  # the running release serves it
+    kept: bool  # a kept release names it (rollback needs it)
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def models_on_disk(executor: Executor, settings: Settings) -> list[ModelOnDisk]:
+    """What the host holds under ``models_dir``: every revision directory, its size, and
+    whether a release needs it. The pulls' own bookkeeping (``.staging-*``) is not listed."""
+    models_dir = settings.remote.models_dir.rstrip("/")
+    if not executor.run(commands.test_path("-d", models_dir), check=False).ok:
+        return []  # no models dir yet: nothing on disk
+    listed = executor.run(
+        ["find", models_dir, "-mindepth", "2", "-maxdepth", "2", "-type", "d",
+         "!", "-name", ".*", "-exec", "du", "--bytes", "--summarize", "--", "{}", "+"],
+        check=False,
+    )  # fmt: skip
+    releases = Releases(executor, settings.remote.state_dir)
+    current = releases.current()
+    kept = releases.model_paths_in_use()
+    found = []
+    for line in listed.stdout.splitlines():
+        size, _, path = line.partition("\t")
+        parts = PurePosixPath(path).parts
+        if not size.isdigit() or not _under_models_dir(path, models_dir):
+            continue
+        found.append(
+            ModelOnDisk(
+                name=parts[-2],
+                revision=parts[-1],
+                path=path,
+                size_bytes=int(size),
+                live=current is not None and current.model_path == path,
+                kept=path in kept,
+            )
+        )
+    return sorted(found, key=lambda m: (m.name, m.revision))
+
+
+def prune_models(
+    executor: Executor,
+    settings: Settings,
+    *,
+    lock_wait_s: float = 0.0,
+    confirm: Confirm | None = None,
+) -> list[ModelOnDisk]:
+    """Delete the revisions no kept release needs (under the host lock, after ``confirm``);
+    returns what was deleted."""
+    lock = HostLock(executor, settings.remote.state_dir, command="models --prune")
+    lock.acquire(wait_s=lock_wait_s)
+    try:
+        doomed = [m for m in models_on_disk(executor, settings) if not (m.live or m.kept)]
+        if confirm is not None:
+            confirm([f"deletes {m.path} ({m.size_bytes / GIB:.2f} GiB)" for m in doomed])
+        for model in doomed:
+            executor.run(commands.remove_tree(model.path), sudo=True)
+        if doomed:
+            entry = audit.AuditEntry(
+                "models --prune", "ok", details={"removed": [m.path for m in doomed]}
+            )
+            audit.append(executor, settings.remote.state_dir, entry, python=settings.remote.python)
+        return doomed
+    finally:
+        lock.release()
+
+
 def audit_tail(executor: Executor, settings: Settings, n: int) -> list[dict[str, Any]]:
     return audit.tail(executor, settings.remote.state_dir, n)
 
