@@ -35,9 +35,10 @@ from .facts import STATE_FILE_NAME, DeploymentState, HostFacts
 from .lock import HostLock
 from .planner import Plan
 from .probe import inspect_host
-from .pull import PullEvent, PullResult, preflight_source, pull_request, run_pull
+from .pull import PullEvent, PullResult, pull_request, run_pull
 from .redact import Secret
 from .releases import Release, Releases
+from .s3 import preflight_source
 from .service_code import (
     build_wheel,
     code_id,

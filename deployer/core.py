@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from .catalog import Catalog
+    from .checks import HostFactory, Options, Report
     from .config import Settings
     from .model_meta import MetadataSource
     from .ssh import Executor
@@ -23,6 +24,10 @@ class OpenHost(Protocol):
 
 class OpenMetadata(Protocol):
     def __call__(self, settings: Settings, catalog: Catalog) -> MetadataSource: ...
+
+
+class RunChecks(Protocol):
+    def __call__(self, options: Options, *, host_factory: HostFactory) -> Report: ...
 
 
 def _open_host(settings: Settings, *, trust_new_host_key: bool) -> Executor:
@@ -37,12 +42,20 @@ def _open_metadata(settings: Settings, catalog: Catalog) -> MetadataSource:
     return s3_metadata(settings, catalog)
 
 
+def _run_checks(options: Options, *, host_factory: HostFactory) -> Report:
+    from .checks import run_checks
+
+    return run_checks(options, host_factory=host_factory)
+
+
 @dataclass(frozen=True)
 class Core:
-    """How a command connects to the host and reads S3 (the defaults are the real ones)."""
+    """How a command connects to the host and reads S3, and what runs ``validate-components``'
+    checks (the defaults are the real ones)."""
 
     open_host: OpenHost = _open_host
     open_metadata: OpenMetadata = _open_metadata
+    run_checks: RunChecks = _run_checks
 
 
 def core_of(obj: Any) -> Core:

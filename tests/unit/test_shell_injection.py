@@ -33,8 +33,7 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from deployer import cli, cli_ops, make_plan, model_meta
-from deployer import pull as pull_module
+from deployer import cli, cli_ops, s3
 from deployer.audit import AuditEntry
 from deployer.audit import append as audit_append
 from deployer.audit import tail as audit_tail
@@ -107,9 +106,7 @@ def tripwire(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Tripwire:
     monkeypatch.setattr(SSHHost, "run", wire.hook("SSHHost.run"))
     monkeypatch.setattr(fabric.Connection, "open", wire.hook("fabric.Connection.open"))
     monkeypatch.setattr(paramiko.SSHClient, "connect", wire.hook("paramiko.SSHClient.connect"))
-    monkeypatch.setattr(model_meta, "make_s3_client", wire.hook("make_s3_client"))
-    monkeypatch.setattr(make_plan, "make_s3_client", wire.hook("make_s3_client"))
-    monkeypatch.setattr(pull_module, "s3_client", wire.hook("s3_client"))
+    monkeypatch.setattr(s3, "make_client", wire.hook("s3.make_client"))
     # A configured host, so only the name can stop the command; no ./model-deployer.toml.
     monkeypatch.setenv("MODEL_DEPLOYER_HOST__ADDRESS", "192.0.2.1")
     monkeypatch.setenv("MODEL_DEPLOYER_HOST__KNOWN_HOSTS", str(tmp_path / "known_hosts"))
