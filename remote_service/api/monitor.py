@@ -67,7 +67,7 @@ class MonitorStatus(BaseModel):
     ram_usage_gb: GiBUsed = Field(description="Host RAM in use, GiB")
     port: Port
     timestamp: Timestamp
-    service: ServiceName = SERVICE_NAME
+    service: ServiceName = "asoba-inference"  # remote_service.SERVICE_NAME
 
 
 class MonitorHealth(BaseModel):

@@ -309,9 +309,9 @@ class LivenessResponse(BaseModel):
     timestamp: str
 
 
+# The first eight fields are the monitor's (MonitorStatus, remote_service/api/monitor.py).
 class StatusResponse(MonitorStatus):
-    """The format the external uptime monitor polls (``MonitorStatus``'s eight fields, first),
-    plus what an operator reads."""
+    """The format the external uptime monitor polls (first eight fields), plus extras."""
 
     backend: str
     device: str
