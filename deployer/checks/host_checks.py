@@ -61,6 +61,9 @@ VENV_WARN_GB = 5.0
 HOST_GROUPS = frozenset({"ssh", "sudo", "resources", "systemd", "python", "s3", "health"})
 
 
+# ------------------------------------------------------------------------------ ssh
+
+
 def check_ssh(host: Executor, known_hosts: Path | None) -> CheckResult:
     """Connect (host key verified, key auth) and time one trivial command."""
     before = _read_bytes(known_hosts)

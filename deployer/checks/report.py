@@ -88,6 +88,8 @@ def not_checked(names: Iterable[str], reason: str, remedy: str) -> list[CheckRes
 
 @dataclass(frozen=True)
 class Report:
+    """Every row, in the documented order, and the verdict they add up to."""
+
     results: tuple[CheckResult, ...]
     strict: bool = False
     duration_s: float = 0.0
@@ -120,6 +122,8 @@ class Report:
 
 @dataclass(frozen=True)
 class Options:
+    """What ``validate-components`` was asked to check, and how strictly."""
+
     only: frozenset[str] = frozenset(GROUPS)
     strict: bool = False
     models: tuple[str, ...] | None = None  # None: the whole catalog
