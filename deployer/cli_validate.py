@@ -3,7 +3,7 @@
     validate-components [--only ssh,s3] [--models demo-tiny] [--strict] [--json]
                         [--min-disk-gb N] [--min-ram-gb N] [--trust-new-host-key] [--config PATH]
 
-Checks config, ssh, sudo, resources, systemd, python, s3 and health (see ``deployer.validate``)
+Checks config, ssh, sudo, resources, systemd, python, s3 and health (see ``deployer.checks``)
 and prints a table, or JSON with ``--json``. Nothing on the host is changed.
 
 Exit codes: 0 every check passed (warnings allowed), 1 a check failed, or warned with
@@ -26,12 +26,15 @@ from .cli import (
     run_guarded,
     trust_new_host_key_option,
 )
+from .core import Core, core_of
 
 if TYPE_CHECKING:
     from rich.console import Console
     from rich.text import Text
 
-    from .validate import CheckResult, Options, Report
+    from .checks import CheckResult, Options, Report
+    from .config import Settings
+    from .ssh import Executor
 
 STATUS_STYLE = {"pass": "bold green", "warn": "bold yellow", "fail": "bold red"}
 STATUS_WORD = {"pass": "PASS", "warn": "WARN", "fail": "FAIL"}
@@ -97,7 +100,7 @@ def _options(
     trust_new_host_key: bool,
     debug: bool,
 ) -> Options:
-    from .validate import Options, parse_list, parse_only
+    from .checks import Options, parse_list, parse_only
 
     try:
         groups = parse_only(only)
@@ -160,15 +163,18 @@ def main(
     options = _options(
         config_path, only, models, strict, min_disk_gb, min_ram_gb, trust_new_host_key, debug
     )
-    run_guarded(lambda: _run(options, as_json), debug=debug)
+    core = core_of(click.get_current_context().obj)
+    run_guarded(lambda: _run(core, options, as_json), debug=debug)
 
 
-def _run(options: Options, as_json: bool) -> int:
+def _run(core: Core, options: Options, as_json: bool) -> int:
+    """Run the checks through ``core`` (the host too: ``core.open_host``) and print them."""
     from rich.console import Console
 
-    from .validate import run_checks
+    def host_factory(settings: Settings, trust_new_host_key: bool) -> Executor:
+        return core.open_host(settings, trust_new_host_key=trust_new_host_key)
 
-    report = run_checks(options)
+    report = core.run_checks(options, host_factory=host_factory)
     if as_json:
         click.echo(report_json(report))
     else:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     from .apply import Deployment, SourceCheck
     from .catalog import Catalog
+    from .checks import HostFactory, Options, Report
     from .config import Settings
     from .model_meta import MetadataSource
     from .ssh import Executor
@@ -31,6 +32,10 @@ class OpenMetadata(Protocol):
     def __call__(self, settings: Settings, catalog: Catalog) -> MetadataSource: ...
 
 
+class RunChecks(Protocol):
+    def __call__(self, options: Options, *, host_factory: HostFactory) -> Report: ...
+
+
 def _open_host(settings: Settings, *, trust_new_host_key: bool) -> Executor:
     from .make_plan import open_host
 
@@ -44,7 +49,7 @@ def _open_metadata(settings: Settings, catalog: Catalog) -> MetadataSource:
 
 
 def _check_source(settings: Settings) -> SourceCheck:
-    from .pull import preflight_source
+    from .s3 import preflight_source
 
     def check(bucket: str, prefix: str) -> None:
         preflight_source(
@@ -78,10 +83,16 @@ def _code_id() -> str:
     return code_id()
 
 
+def _run_checks(options: Options, *, host_factory: HostFactory) -> Report:
+    from .checks import run_checks
+
+    return run_checks(options, host_factory=host_factory)
+
+
 @dataclass(frozen=True)
 class Core:
-    """How a command connects to the host, reads and checks S3, and builds the service code
-    it installs (the defaults are the real ones)."""
+    """How a command connects to the host, reads and checks S3, builds the service code it
+    installs, and runs ``validate-components``' checks (the defaults are the real ones)."""
 
     open_host: OpenHost = _open_host
     open_metadata: OpenMetadata = _open_metadata
@@ -90,6 +101,7 @@ class Core:
     code_id: Callable[[], str] = _code_id
     #: Makes the ``deployer.apply.Deployment`` that applies a plan (keyword arguments).
     deployment: Callable[..., Deployment] = _deployment
+    run_checks: RunChecks = _run_checks
 
 
 def core_of(obj: Any) -> Core:

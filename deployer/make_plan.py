@@ -14,12 +14,13 @@ from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from . import s3
 from .catalog import Catalog, ModelSpec
 from .config import Settings
 from .errors import ConfigError
 from .estimate import Estimate, estimate
 from .facts import HostFacts
-from .model_meta import MetadataSource, ModelMeta, S3MetadataReader, make_s3_client
+from .model_meta import MetadataSource, ModelMeta
 from .planner import Plan, PlanFlags, plan_deployment, with_code
 from .probe import inspect_host
 from .service_code import code_id, lock_hash
@@ -55,10 +56,10 @@ def open_host(settings: Settings, *, trust_new_host_key: bool = False) -> SSHHos
     return SSHHost(settings.host, trust_new_host_key=trust_new_host_key)
 
 
-def s3_metadata(settings: Settings, catalog: Catalog) -> S3MetadataReader:
+def s3_metadata(settings: Settings, catalog: Catalog) -> s3.S3MetadataReader:
     """The real metadata source: the catalog's bucket (or ``s3.bucket``) through boto3."""
-    return S3MetadataReader(
-        lambda: make_s3_client(settings.s3), settings.s3.bucket or catalog.bucket
+    return s3.S3MetadataReader(
+        lambda: s3.client_for(settings.s3), settings.s3.bucket or catalog.bucket
     )
 
 

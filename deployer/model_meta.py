@@ -19,7 +19,8 @@ into int32) are counted in logical parameters.
 When S3 cannot be read, ``catalog_meta`` builds the same summary from the catalog's
 ``parameters_b`` and ``size_gb`` and says so; the plan carries that note.
 
-boto3 is imported only when a client is made, so the CLI starts fast.
+This module is the pure part: parsing headers and ``config.json`` and summing them up. The S3
+requests are ``deployer.s3.S3MetadataReader``'s.
 """
 
 from __future__ import annotations
@@ -27,20 +28,15 @@ from __future__ import annotations
 import json
 import math
 import struct
-import threading
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict
 
 from .catalog import ModelSpec, Precision
 from .errors import ModelSourceError
-
-if TYPE_CHECKING:
-    from .config import S3Config
 
 GB = 1_000_000_000
 HEADER_PROBE_BYTES = 64 * 1024
@@ -394,223 +390,13 @@ def catalog_meta(
     )
 
 
-# --------------------------------------------------------------------------- S3
-
-
-class WeightsNotFound(ModelSourceError):
-    """S3 answered, and the model's prefix holds no weights."""
+# --------------------------------------------------------------------------- sources
 
 
 class MetadataSource(Protocol):
-    """Where model metadata comes from (S3 in production, a dict in tests)."""
+    """Where model metadata comes from (S3 in production: ``deployer.s3.S3MetadataReader``)."""
 
     def read(self, spec: ModelSpec) -> ModelMeta: ...
-
-
-def make_s3_client(s3: S3Config) -> Any:
-    """A boto3 S3 client: ``endpoint_url`` from settings, credentials from the standard chain
-    (environment, shared files, instance role). Short timeouts: the planner waits on it."""
-    import boto3  # lazy: the CLI must start without it
-    from botocore.config import Config
-
-    config = Config(
-        connect_timeout=5,
-        read_timeout=15,
-        retries={"max_attempts": 2, "mode": "standard"},
-        max_pool_connections=16,
-    )
-    return boto3.session.Session().client(
-        "s3", endpoint_url=s3.endpoint_url, region_name=s3.region, config=config
-    )
-
-
-def _s3_error(exc: BaseException) -> str:
-    response = getattr(exc, "response", None)
-    if isinstance(response, dict):
-        error = response.get("Error", {})
-        code = error.get("Code") or response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        message = error.get("Message") or ""
-        return f"{code}: {message}".rstrip(": ")
-    return str(exc) or type(exc).__name__
-
-
-def _is_missing(exc: BaseException) -> bool:
-    response = getattr(exc, "response", None)
-    if not isinstance(response, dict):
-        return False
-    code = str(response.get("Error", {}).get("Code", ""))
-    return code in ("NoSuchKey", "404", "NotFound")
-
-
-class S3MetadataReader:
-    """Reads ``ModelMeta`` for catalog entries from one bucket (see the module doc).
-
-    ``client`` is a boto3 S3 client, or a function making one: then it is made on first use,
-    on the thread that reads, so importing boto3 overlaps the SSH probe.
-    """
-
-    def __init__(
-        self, client: Any | Callable[[], Any], bucket: str, *, max_workers: int = 8
-    ) -> None:
-        self._client = None if callable(client) and not hasattr(client, "get_object") else client
-        self._factory = client if self._client is None else None
-        self._lock = threading.Lock()
-        self.bucket = bucket
-        self.max_workers = max_workers
-
-    @property
-    def client(self) -> Any:
-        with self._lock:
-            if self._client is None:
-                assert self._factory is not None
-                self._client = self._factory()
-            return self._client
-
-    def location(self, spec: ModelSpec) -> str:
-        return f"s3://{self.bucket}/{spec.s3_prefix}"
-
-    def read(self, spec: ModelSpec) -> ModelMeta:
-        """Metadata from S3, or the catalog's figures with a note when S3 cannot be read."""
-        try:
-            return self.read_s3(spec)
-        except ModelSourceError as exc:
-            return catalog_meta(
-                spec,
-                self.location(spec),
-                f"metadata not read from S3: {exc}",
-                exists=False if isinstance(exc, WeightsNotFound) else None,
-            )
-
-    # -- S3 calls ------------------------------------------------------------------------
-
-    def _list(self, prefix: str) -> dict[str, int]:
-        sizes: dict[str, int] = {}
-        token: str | None = None
-        while True:
-            kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
-            if token:
-                kwargs["ContinuationToken"] = token
-            page = self.client.list_objects_v2(**kwargs)
-            for item in page.get("Contents", []):
-                sizes[item["Key"]] = int(item["Size"])
-            if not page.get("IsTruncated"):
-                return sizes
-            token = page.get("NextContinuationToken")
-
-    def _get(self, key: str, byte_range: str | None = None) -> bytes:
-        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
-        if byte_range:
-            kwargs["Range"] = byte_range
-        response = self.client.get_object(**kwargs)
-        body = response["Body"]
-        try:
-            return body.read(MAX_JSON_BYTES + 1)
-        finally:
-            body.close()
-
-    def _get_json(self, key: str) -> dict[str, Any] | None:
-        try:
-            raw = self._get(key)
-        except Exception as exc:
-            if _is_missing(exc):
-                return None
-            raise
-        if len(raw) > MAX_JSON_BYTES:
-            raise ModelSourceError(f"s3://{self.bucket}/{key} is larger than expected")
-        try:
-            data = json.loads(raw)
-        except ValueError:
-            raise ModelSourceError(f"s3://{self.bucket}/{key} is not JSON") from None
-        if not isinstance(data, dict):
-            raise ModelSourceError(f"s3://{self.bucket}/{key} is not a JSON object")
-        return data
-
-    def _header(self, key: str) -> tuple[list[TensorInfo], int, int, int]:
-        """(tensors, file size implied by the header, requests, bytes read) of one file."""
-        head = self._get(key, f"bytes=0-{HEADER_PROBE_BYTES - 1}")
-        requests, read = 1, len(head)
-        length = header_length(head)
-        if 8 + length > len(head) == HEADER_PROBE_BYTES:  # a short read: the file ended
-            rest = self._get(key, f"bytes={len(head)}-{8 + length - 1}")
-            requests, read = 2, read + len(rest)
-            head += rest
-        where = f"s3://{self.bucket}/{key}"
-        if len(head) < 8 + length:
-            raise ModelSourceError(f"{where}: file ends inside its header")
-        tensors, data_end = parse_header(head[8 : 8 + length], where=where)
-        return tensors, 8 + length + data_end, requests, read
-
-    def read_s3(self, spec: ModelSpec) -> ModelMeta:
-        """Metadata from S3; raises ``ModelSourceError`` when it cannot be read."""
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        prefix = spec.s3_prefix
-        where = self.location(spec)
-        try:
-            with ThreadPoolExecutor(max_workers=self.max_workers) as pool:
-                listing_f = pool.submit(self._list, prefix)
-                config_f = pool.submit(self._get_json, prefix + CONFIG_NAME)
-                index_f = pool.submit(self._get_json, prefix + INDEX_NAME)
-                listing = listing_f.result()
-                config_raw = config_f.result()
-                index = index_f.result()
-                requests = 3
-                bytes_read = sum(
-                    listing.get(prefix + n, 0)
-                    for n in (CONFIG_NAME, INDEX_NAME)
-                    if prefix + n in listing
-                )
-                files = weight_files(prefix, listing, index)
-                if not files:
-                    raise WeightsNotFound(f"no safetensors weights under {where}")
-                headers = list(pool.map(self._header, files))
-        except (ClientError, BotoCoreError) as exc:
-            raise ModelSourceError(f"{where}: {_s3_error(exc)}") from None
-        notes: list[str] = []
-        config: ModelConfig | None = None
-        if config_raw is None:
-            notes.append(f"no {CONFIG_NAME} under {where}: KV cache size approximated")
-        else:
-            config = parse_config(config_raw, where=f"{where}{CONFIG_NAME}")
-        tensors: list[TensorInfo] = []
-        shard_sizes: list[int] = []
-        for key, (found, implied, reqs, read) in zip(files, headers, strict=True):
-            tensors += found
-            shard_sizes.append(max(implied, listing.get(key, 0)))
-            requests += reqs
-            bytes_read += read
-        stats = summarize_tensors(
-            tensors,
-            quant_bits=(config.quant_bits if config and config.quant_bits else 4),
-            quant_method=config.quant_method if config else None,
-        )
-        total_size = (index or {}).get("metadata", {}).get("total_size")
-        if isinstance(total_size, int) and total_size > 0 and total_size != stats.stored_bytes:
-            notes.append(
-                f"index total_size {total_size} differs from the headers' {stats.stored_bytes}"
-            )
-        weight_set = set(files)
-        other_files = sum(
-            size
-            for key, size in listing.items()
-            if key not in weight_set
-            and "/" not in key[len(prefix) :]
-            and not key.endswith(".safetensors")
-        )
-        return ModelMeta(
-            name=spec.name,
-            source="s3",
-            location=where,
-            exists=True,
-            config=config,
-            weights=stats,
-            download_bytes=sum(shard_sizes) + other_files,
-            largest_shard_bytes=max(shard_sizes),
-            shard_count=len(files),
-            notes=notes,
-            requests=requests,
-            bytes_read=bytes_read,
-        )
 
 
 def weight_files(
@@ -631,47 +417,4 @@ def weight_files(
         return [prefix + SINGLE_NAME]
     return sorted(
         key for key in listing if key.endswith(".safetensors") and "/" not in key[len(prefix) :]
-    )
-
-
-class StaticMetadata:
-    """A ``MetadataSource`` over ready-made metadata (tests, benchmarks); unknown names fall
-    back to the catalog's figures like an unreachable S3."""
-
-    def __init__(self, metas: Mapping[str, ModelMeta], *, bucket: str = "bucket") -> None:
-        self.metas = dict(metas)
-        self.bucket = bucket
-
-    def read(self, spec: ModelSpec) -> ModelMeta:
-        if spec.name in self.metas:
-            return self.metas[spec.name]
-        return catalog_meta(spec, f"s3://{self.bucket}/{spec.s3_prefix}", "metadata not available")
-
-
-def meta_from_tensors(
-    spec: ModelSpec,
-    config: Mapping[str, Any] | None,
-    shards: Sequence[Sequence[TensorInfo]],
-    *,
-    location: str | None = None,
-) -> ModelMeta:
-    """``ModelMeta`` from tensors already in hand (the same arithmetic as ``read_s3``)."""
-    parsed = parse_config(config) if config is not None else None
-    tensors = [t for shard in shards for t in shard]
-    stats = summarize_tensors(
-        tensors,
-        quant_bits=(parsed.quant_bits if parsed and parsed.quant_bits else 4),
-        quant_method=parsed.quant_method if parsed else None,
-    )
-    sizes = [sum(t.nbytes for t in shard) for shard in shards]
-    return ModelMeta(
-        name=spec.name,
-        source="s3",
-        location=location or f"s3://bucket/{spec.s3_prefix}",
-        exists=True,
-        config=parsed,
-        weights=stats,
-        download_bytes=sum(sizes),
-        largest_shard_bytes=max(sizes),
-        shard_count=len(shards),
     )

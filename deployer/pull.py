@@ -7,8 +7,8 @@ copy of it and always runs the version the operator has; its arguments are plain
 (bucket, prefix, paths, sizes), never secrets.
 
 This module builds that argv, turns the script's JSON lines into typed events for a progress
-bar, maps its failures to ``ModelSourceError``, and checks the S3 prefix from the operator's
-machine before the host is touched (``preflight_source``).
+bar, and maps its failures to ``ModelSourceError``. The check of the S3 prefix from the
+operator's machine before the host is touched is ``deployer.s3.preflight_source``.
 """
 
 from __future__ import annotations
@@ -360,95 +360,6 @@ class PullProgressBar:
             progress.console.print(event.message)
 
 
-# --------------------------------------------------------------------------- preflight
-
-
-@dataclass(frozen=True)
-class SourceSummary:
-    bucket: str
-    prefix: str
-    objects: int
-    total_bytes: int
-
-    @property
-    def url(self) -> str:
-        return f"s3://{self.bucket}/{self.prefix}"
-
-
-def s3_client(*, region: str | None = None, endpoint_url: str | None = None) -> Any:
-    import boto3  # lazy: keeps `deploy-model --help` fast
-
-    return boto3.session.Session().client("s3", region_name=region, endpoint_url=endpoint_url)
-
-
-def _source_error(exc: Exception, url: str) -> ModelSourceError:
-    from botocore.exceptions import (
-        BotoCoreError,
-        ClientError,
-        EndpointConnectionError,
-        NoCredentialsError,
-    )
-
-    if isinstance(exc, NoCredentialsError):
-        return ModelSourceError(
-            f"cannot check {url}: no AWS credentials on this machine",
-            hint="configure AWS credentials (or a profile) for the operator, or skip the check",
-        )
-    if isinstance(exc, ClientError):
-        code = str(exc.response.get("Error", {}).get("Code", ""))
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        if code == "NoSuchBucket":
-            return ModelSourceError(f"{url}: the bucket does not exist", hint=HINTS["not_found"])
-        if code in ("AccessDenied", "403", "Forbidden", "InvalidAccessKeyId") or status == 403:
-            return ModelSourceError(
-                f"{url}: access denied ({code})",
-                hint="the credentials need s3:ListBucket and s3:GetObject on the prefix",
-            )
-        if code in ("NoSuchKey", "404", "NotFound") or status == 404:
-            return ModelSourceError(f"{url}: not found ({code})", hint=HINTS["not_found"])
-        return ModelSourceError(f"{url}: S3 error {code or status}")
-    if isinstance(exc, EndpointConnectionError | BotoCoreError):
-        return ModelSourceError(f"cannot check {url}: {exc}", hint=HINTS["endpoint"])
-    raise exc
-
-
-def preflight_source(
-    bucket: str,
-    prefix: str,
-    *,
-    region: str | None = None,
-    endpoint_url: str | None = None,
-    client: Any = None,
-) -> SourceSummary:
-    """Check, from the operator's machine, that ``s3://bucket/prefix`` holds readable objects.
-
-    Lists the prefix (s3:ListBucket) and HEADs its first object (s3:GetObject). Missing,
-    empty or denied raises ``ModelSourceError`` naming the bucket and prefix. The host pulls
-    with its own credentials; this only catches a wrong catalog entry before anything changes.
-    """
-    url = f"s3://{bucket}/{prefix}"
-    s3 = client if client is not None else s3_client(region=region, endpoint_url=endpoint_url)
-    count = 0
-    total = 0
-    first: str | None = None
-    try:
-        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-            for item in page.get("Contents", []):
-                if item["Key"].endswith("/"):
-                    continue
-                count += 1
-                total += int(item["Size"])
-                first = first or item["Key"]
-        if first is None:
-            raise ModelSourceError(f"no objects under {url}", hint=HINTS["not_found"])
-        s3.head_object(Bucket=bucket, Key=first)
-    except ModelSourceError:
-        raise
-    except Exception as exc:
-        raise _source_error(exc, url) from None
-    return SourceSummary(bucket, prefix, count, total)
-
-
 def describe(result: PullResult) -> str:
     """One line for the plan/apply output."""
     if result.already_present:
@@ -472,9 +383,7 @@ __all__ = (
     "PullResult",
     "PullStarted",
     "PullWarning",
-    "SourceSummary",
     "parse_event",
-    "preflight_source",
     "pull_argv",
     "pull_request",
     "run_pull",

@@ -25,6 +25,8 @@ from pydantic import (
     model_validator,
 )
 
+from remote_service.api.monitor import MonitorStatus
+
 # --- common ---------------------------------------------------------------------------------
 
 
@@ -307,17 +309,10 @@ class LivenessResponse(BaseModel):
     timestamp: str
 
 
-class StatusResponse(BaseModel):
+# The first eight fields are the monitor's (MonitorStatus, remote_service/api/monitor.py).
+class StatusResponse(MonitorStatus):
     """The format the external uptime monitor polls (first eight fields), plus extras."""
 
-    status: Literal["healthy", "loading", "error", "stopped"]
-    model: str
-    gpu_memory_used: int = Field(description="MiB, all GPUs; 0 without a GPU")
-    gpu_memory_total: int = Field(description="MiB, all GPUs; 0 without a GPU")
-    ram_usage_gb: float = Field(description="Host RAM in use, GiB")
-    port: int
-    timestamp: str
-    service: Literal["asoba-inference"] = "asoba-inference"
     backend: str
     device: str
     dtype: str

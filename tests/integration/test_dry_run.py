@@ -78,7 +78,7 @@ def test_demo_model_estimate_matches_its_files(
 
     from deployer.config import PolicyConfig, S3Config
     from deployer.estimate import estimate
-    from deployer.model_meta import S3MetadataReader, make_s3_client
+    from deployer.s3 import S3MetadataReader, client_for
 
     demo = build_demo(tmp_path / "demo")
     files = sum(p.stat().st_size for p in demo.glob("*.safetensors"))
@@ -91,7 +91,7 @@ def test_demo_model_estimate_matches_its_files(
             Bucket=CATALOG.bucket, CreateBucketConfiguration={"LocationConstraint": "us-west-2"}
         )
         upload_dir(client, CATALOG.bucket, spec.s3_prefix, demo)
-        meta = S3MetadataReader(make_s3_client(S3Config()), CATALOG.bucket).read(spec)
+        meta = S3MetadataReader(client_for(S3Config()), CATALOG.bucket).read(spec)
     est = estimate(meta, spec, PolicyConfig())
     assert meta.source == "s3" and meta.notes == []
     assert est.stored_bytes == pytest.approx(files, rel=0.05)

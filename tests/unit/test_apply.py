@@ -15,10 +15,10 @@ from deployer.config import Settings
 from deployer.errors import DeployFailed, LockHeld, ModelSourceError, PlanOutdated
 from deployer.lock import HostLock, LockInfo
 from deployer.make_plan import make_plan
-from deployer.model_meta import StaticMetadata
 from deployer.planner import Plan
 from tests.fake_host import FLUX_UNIT, OUR_UNIT, FakeHost
 from tests.fakes import Call
+from tests.model_metadata import StaticMetadata
 
 SETTINGS = Settings.model_validate({"host": {"address": "10.0.0.1"}})
 CATALOG = load_catalog()

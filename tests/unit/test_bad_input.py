@@ -28,11 +28,11 @@ from deployer.catalog import MODEL_NAME_RE, S3_PREFIX_RE, SCRIPT_RE, Catalog, lo
 from deployer.config import SECTIONS, Settings, load_settings
 from deployer.errors import CatalogError, ConfigError
 from deployer.make_plan import estimates_for
-from deployer.model_meta import meta_from_tensors
 from deployer.planner import PlanFlags, plan_deployment
 from deployer.pull import pull_request
 from tests import model_shapes as ms
 from tests.fakes import GB, g5_facts
+from tests.model_metadata import meta_from_tensors
 
 FUZZ = settings(
     max_examples=60,

@@ -15,9 +15,9 @@ from deployer import cli
 from deployer.catalog import load_catalog
 from deployer.core import Core
 from deployer.errors import AuthError, CommandResult, ConnectError
-from deployer.model_meta import StaticMetadata, meta_from_tensors
 from tests import model_shapes as ms
 from tests.fakes import FakeExecutor, is_probe, probe_answer, probe_json
+from tests.model_metadata import StaticMetadata, meta_from_tensors
 
 CATALOG = load_catalog()
 METAS = {

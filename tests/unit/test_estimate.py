@@ -16,17 +16,16 @@ from deployer.config import PolicyConfig, S3Config
 from deployer.errors import ModelSourceError
 from deployer.estimate import CUDA_CONTEXT_BYTES, estimate, weight_bytes
 from deployer.model_meta import (
-    S3MetadataReader,
     TensorInfo,
     catalog_meta,
     header_length,
-    make_s3_client,
-    meta_from_tensors,
     parse_config,
     parse_header,
     summarize_tensors,
 )
+from deployer.s3 import S3MetadataReader, client_for
 from tests import model_shapes as ms
+from tests.model_metadata import meta_from_tensors
 
 CATALOG = load_catalog()
 BUCKET = "asoba-llm-cache"
@@ -250,7 +249,7 @@ def _spec(name: str, prefix: str | None = None) -> ModelSpec:
 def test_s3_metadata_equals_the_local_computation(moto_s3: Any, name: str) -> None:
     spec = CATALOG.models[name]
     ms.upload(moto_s3, BUCKET, spec.s3_prefix, name)
-    client = RecordingClient(make_s3_client(S3Config()))
+    client = RecordingClient(client_for(S3Config()))
     got = S3MetadataReader(client, BUCKET).read(spec)
     want = meta(name)
     assert got.source == "s3" and got.exists is True and got.notes == []
@@ -271,7 +270,7 @@ def test_s3_metadata_equals_the_local_computation(moto_s3: Any, name: str) -> No
 def test_long_header_takes_a_second_ranged_get(moto_s3: Any) -> None:
     spec = CATALOG.models["qwen3-coder-30b"]  # 18k expert tensors: headers over 64 KiB
     ms.upload(moto_s3, BUCKET, spec.s3_prefix, "qwen3-coder-30b")
-    client = RecordingClient(make_s3_client(S3Config()))
+    client = RecordingClient(client_for(S3Config()))
     S3MetadataReader(client, BUCKET).read(spec)
     ranges = [r for k, r in client.gets if k.endswith("00001-of-00013.safetensors")]
     assert ranges[0] == "bytes=0-65535" and len(ranges) == 2
@@ -298,9 +297,7 @@ def test_single_file_checkpoint_without_index(moto_s3: Any) -> None:
         }
     ).encode()
     moto_s3.put_object(Bucket=BUCKET, Key="models/tiny/config.json", Body=config)
-    got = S3MetadataReader(make_s3_client(S3Config()), BUCKET).read(
-        _spec("demo-tiny", "models/tiny/")
-    )
+    got = S3MetadataReader(client_for(S3Config()), BUCKET).read(_spec("demo-tiny", "models/tiny/"))
     assert got.source == "s3" and got.weights.parameters == 64 * 16 + 32 * 16 + 16
     assert got.weights.dtype == "F32" and got.download_bytes == len(raw) + len(config)
     # the estimate of the stored weights matches the real file within 5%
@@ -309,7 +306,7 @@ def test_single_file_checkpoint_without_index(moto_s3: Any) -> None:
 
 
 def test_missing_model_falls_back_to_the_catalog_and_says_so(moto_s3: Any) -> None:
-    got = S3MetadataReader(make_s3_client(S3Config()), BUCKET).read(CATALOG.models["qwen3-14b"])
+    got = S3MetadataReader(client_for(S3Config()), BUCKET).read(CATALOG.models["qwen3-14b"])
     assert got.source == "catalog" and got.exists is False
     assert "no safetensors weights under s3://asoba-llm-cache/models/qwen3-14b/" in got.notes[0]
     assert "catalog" in got.notes[0]
@@ -318,7 +315,7 @@ def test_missing_model_falls_back_to_the_catalog_and_says_so(moto_s3: Any) -> No
 def test_unreachable_endpoint_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret-value-123")
-    client = make_s3_client(S3Config(endpoint_url="http://127.0.0.1:9"))
+    client = client_for(S3Config(endpoint_url="http://127.0.0.1:9"))
     got = S3MetadataReader(client, BUCKET).read(CATALOG.models["deepseek-r1-8b"])
     assert got.source == "catalog"
     assert "metadata not read from S3" in got.notes[0]
@@ -331,9 +328,7 @@ def test_corrupt_header_falls_back(moto_s3: Any) -> None:
         Key="models/deepseek-r1-8b/model.safetensors",
         Body=struct.pack("<Q", 50) + b"{broken",
     )
-    got = S3MetadataReader(make_s3_client(S3Config()), BUCKET).read(
-        CATALOG.models["deepseek-r1-8b"]
-    )
+    got = S3MetadataReader(client_for(S3Config()), BUCKET).read(CATALOG.models["deepseek-r1-8b"])
     assert got.source == "catalog" and "ends inside its header" in got.notes[0]
 
 
@@ -366,7 +361,7 @@ def test_the_real_demo_checkpoint_layout_with_a_tiny_model(moto_s3: Any, tmp_pat
     index = json.dumps({"metadata": {"total_size": 1}, "weight_map": weight_map}).encode()
     moto_s3.put_object(Bucket=BUCKET, Key="models/t2/model.safetensors.index.json", Body=index)
     spec = _spec("demo-tiny", "models/t2/")
-    got = S3MetadataReader(make_s3_client(S3Config()), BUCKET).read(spec)
+    got = S3MetadataReader(client_for(S3Config()), BUCKET).read(spec)
     assert got.source == "s3" and got.shard_count == 2
     assert got.weights.parameters == 256 * 32 * 2 + 32 * 32 + 32 * 64 + 32
     assert got.weights.stored_bytes == pytest.approx(total, rel=0.05)

@@ -12,7 +12,7 @@ from deployer.config import PolicyConfig, Settings
 from deployer.estimate import Estimate
 from deployer.facts import HostFacts
 from deployer.make_plan import estimates_for, read_metas, specs_to_read
-from deployer.model_meta import ModelMeta, StaticMetadata, meta_from_tensors
+from deployer.model_meta import ModelMeta
 from deployer.planner import (
     Plan,
     PlanFlags,
@@ -23,6 +23,7 @@ from deployer.planner import (
 )
 from tests import model_shapes as ms
 from tests.fakes import GB, g5_facts, probe_json
+from tests.model_metadata import StaticMetadata, meta_from_tensors
 
 CATALOG = load_catalog()
 SETTINGS = Settings()

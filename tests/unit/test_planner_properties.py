@@ -12,10 +12,10 @@ from deployer.catalog import Catalog, load_catalog, parse_catalog
 from deployer.config import PolicyConfig, Settings
 from deployer.facts import HostFacts
 from deployer.make_plan import estimates_for, read_metas, specs_to_read
-from deployer.model_meta import StaticMetadata, meta_from_tensors
 from deployer.planner import Plan, PlanFlags, headroom, plan_deployment
 from tests import model_shapes as ms
 from tests.fakes import FLUX_PID, GB, OURS_PID, probe_json
+from tests.model_metadata import StaticMetadata, meta_from_tensors
 
 CATALOG = load_catalog()
 METAS = {

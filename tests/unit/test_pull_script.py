@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from deployer import pull
+from deployer import pull, s3
 from deployer.catalog import parse_catalog
 from deployer.config import Settings
 from deployer.errors import CommandResult, ModelSourceError, RemoteCommandFailed
@@ -453,7 +453,7 @@ def mocked_s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
     with mock_aws():
-        client = pull.s3_client(region="us-east-1")
+        client = s3.make_client("us-east-1")
         client.create_bucket(Bucket="asoba-llm-cache")
         yield client
 
@@ -461,16 +461,16 @@ def mocked_s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
 def test_preflight_ok(mocked_s3: Any) -> None:
     mocked_s3.put_object(Bucket="asoba-llm-cache", Key="models/x/config.json", Body=b"{}")
     mocked_s3.put_object(Bucket="asoba-llm-cache", Key="models/x/w.bin", Body=b"abc")
-    summary = pull.preflight_source("asoba-llm-cache", "models/x/", client=mocked_s3)
+    summary = s3.preflight_source("asoba-llm-cache", "models/x/", client=mocked_s3)
     assert (summary.objects, summary.total_bytes) == (2, 5)
     assert summary.url == "s3://asoba-llm-cache/models/x/"
 
 
 def test_preflight_missing_prefix_and_bucket(mocked_s3: Any) -> None:
     with pytest.raises(ModelSourceError, match=r"no objects under s3://asoba-llm-cache/models/y/"):
-        pull.preflight_source("asoba-llm-cache", "models/y/", client=mocked_s3)
+        s3.preflight_source("asoba-llm-cache", "models/y/", client=mocked_s3)
     with pytest.raises(ModelSourceError, match=r"s3://other-bucket/models/y/.*does not exist"):
-        pull.preflight_source("other-bucket", "models/y/", client=mocked_s3)
+        s3.preflight_source("other-bucket", "models/y/", client=mocked_s3)
 
 
 def test_preflight_access_denied() -> None:
@@ -488,7 +488,7 @@ def test_preflight_access_denied() -> None:
             )  # fmt: skip
 
     with pytest.raises(ModelSourceError) as info:
-        pull.preflight_source("bkt", "models/z/", client=Denied())
+        s3.preflight_source("bkt", "models/z/", client=Denied())
     assert "s3://bkt/models/z/" in str(info.value) and "access denied" in str(info.value)
     assert "s3:GetObject" in (info.value.hint or "")
 

@@ -16,12 +16,14 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
+from deployer import checks as v
 from deployer import cli_validate
-from deployer import validate as v
 from deployer.catalog import load_catalog
 from deployer.config import Settings, load_settings
+from deployer.core import Core
 from deployer.errors import AuthError, CommandResult, HostKeyError
 from deployer.facts import HostFacts
+from remote_service.api.monitor import MonitorHealth, MonitorStatus
 from tests.fakes import GB, Call, FakeExecutor, probe_json
 
 CATALOG = load_catalog()
@@ -217,7 +219,7 @@ def test_status_schema_is_the_servers_monitor_fields() -> None:
     """The checker's fields are the first eight of the server's StatusResponse, in order."""
     from remote_service.api.protocol import StatusResponse
 
-    assert list(v.STATUS_SCHEMA) == list(StatusResponse.model_fields)[:8]
+    assert list(MonitorStatus.model_fields) == list(StatusResponse.model_fields)[:8]
 
 
 def test_a_real_status_body_passes() -> None:
@@ -249,9 +251,9 @@ def test_a_real_status_body_passes() -> None:
         max_num_seqs=4,
         max_model_len=4096,
     ).model_dump(mode="json")
-    assert v.check_shape(body, v.STATUS_SCHEMA) == []
+    assert v.check_shape(body, MonitorStatus) == []
     assert v.status_problems(response(body), model="demo-tiny", port=8001) == []
-    assert v.check_shape({"status": "ok", "timestamp": utc_now_iso()}, v.HEALTH_SCHEMA) == []
+    assert v.check_shape({"status": "ok", "timestamp": utc_now_iso()}, MonitorHealth) == []
 
 
 @pytest.mark.parametrize(
@@ -271,19 +273,19 @@ def test_a_real_status_body_passes() -> None:
     ],
 )
 def test_status_field_problems_name_the_field(changes: dict[str, Any], expected: str) -> None:
-    problems = v.check_shape(good_status(**changes), v.STATUS_SCHEMA)
+    problems = v.check_shape(good_status(**changes), MonitorStatus)
     assert len(problems) == 1 and problems[0].startswith(expected), problems
 
 
 def test_missing_fields_and_non_objects() -> None:
     body = good_status()
     del body["gpu_memory_total"], body["timestamp"]
-    assert v.check_shape(body, v.STATUS_SCHEMA) == [
+    assert v.check_shape(body, MonitorStatus) == [
         "gpu_memory_total: missing",
         "timestamp: missing",
     ]
-    assert v.check_shape([1, 2], v.STATUS_SCHEMA) == ["expected a JSON object, got list"]
-    assert len(v.check_shape({}, v.STATUS_SCHEMA)) == 8
+    assert v.check_shape([1, 2], MonitorStatus) == ["expected a JSON object, got list"]
+    assert len(v.check_shape({}, MonitorStatus)) == 8
 
 
 def test_status_cross_checks_and_undecodable_answers() -> None:
@@ -639,15 +641,15 @@ def test_an_unreadable_host_answer(config: Path) -> None:
 # --------------------------------------------------------------------------- the CLI
 
 
-def test_cli_flags_json_and_exit_codes(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_flags_json_and_exit_codes() -> None:
     seen: list[v.Options] = []
 
-    def fake_run(options: v.Options) -> v.Report:
+    def fake_run(options: v.Options, *, host_factory: v.HostFactory) -> v.Report:
         seen.append(options)
         rows = (v.ok("ssh", "fine"), v.warn("s3.models", "1/7", "upload them"))
         return v.Report(rows, strict=options.strict, duration_s=0.5)
 
-    monkeypatch.setattr(v, "run_checks", fake_run)
+    core = Core(run_checks=fake_run)
     runner = CliRunner()
     result = runner.invoke(
         cli_validate.main,
@@ -661,6 +663,7 @@ def test_cli_flags_json_and_exit_codes(monkeypatch: pytest.MonkeyPatch) -> None:
             "5",
             "--trust-new-host-key",
         ],
+        obj=core,
     )
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
@@ -676,12 +679,12 @@ def test_cli_flags_json_and_exit_codes(monkeypatch: pytest.MonkeyPatch) -> None:
     assert options.only == {"ssh", "s3"} and options.models == ("demo-tiny",)
     assert options.min_disk_gb == 5 and options.trust_new_host_key and not options.strict
 
-    result = runner.invoke(cli_validate.main, ["--strict"], env={"COLUMNS": "100"})
+    result = runner.invoke(cli_validate.main, ["--strict"], env={"COLUMNS": "100"}, obj=core)
     assert result.exit_code == 1
     assert "s3.models" in result.output and "→ upload them" in result.output
     assert "NOT OK: 1 passed, 1 warned, 0 failed" in result.output
 
-    result = runner.invoke(cli_validate.main, ["--only", "ssh,gpu"])
+    result = runner.invoke(cli_validate.main, ["--only", "ssh,gpu"], obj=core)
     assert result.exit_code == 2 and "unknown check 'gpu'" in result.output
 
 
