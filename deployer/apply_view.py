@@ -11,7 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .apply import ApplyResult
-from .operations import ServiceStatus
+from .operations import ModelOnDisk, ServiceStatus
 from .pull import PullEvent, PullProgress, PullResult, PullStarted, PullWarning
 
 STEP_WORDS = {"start": "…", "done": "✓", "undo": "↩ undo", "undo-failed": "✗ undo failed"}
@@ -157,3 +157,27 @@ def render_status(status: ServiceStatus, console: Console) -> None:
         # Values come from the host: plain text, except the styles this function adds.
         table.add_row(key, value if key in _STYLED_ROWS else Text(value))
     console.print(table)
+
+
+def render_models(found: list[ModelOnDisk], console: Console) -> None:
+    """The host's model revisions, largest concern first: what is live, what a rollback
+    needs, what ``--prune`` would delete."""
+    if not found:
+        console.print("no models on the host")
+        return
+    table = Table(box=None, pad_edge=False)
+    for column in ("model", "revision", "size", "needed by", "path"):
+        table.add_column(column)
+    for model in found:
+        needed = "live" if model.live else "kept release" if model.kept else "nothing (prunable)"
+        table.add_row(
+            Text(model.name),
+            Text(model.revision),
+            _size(model.size_bytes),
+            needed,
+            Text(model.path),
+        )
+    console.print(table)
+    prunable = sum(m.size_bytes for m in found if not (m.live or m.kept))
+    if prunable:
+        console.print(f"--prune would free {_size(prunable)}")

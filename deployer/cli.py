@@ -93,8 +93,16 @@ def _debug_wanted(flag: bool) -> bool:
 def _fail(message: str, code: int) -> NoReturn:
     from .plan_view import redact
 
-    click.echo(click.style("error: ", fg="red", bold=True) + redact(message), err=True)
+    click.echo(_error_label() + redact(message), err=True)
     sys.exit(code)
+
+
+def _error_label() -> str:
+    """``error: `` in red, unless ``NO_COLOR`` is set (https://no-color.org; Rich, which
+    renders everything else, honours it by itself)."""
+    if os.environ.get("NO_COLOR"):
+        return "error: "
+    return click.style("error: ", fg="red", bold=True)
 
 
 EXIT_CODES = (

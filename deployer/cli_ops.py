@@ -6,9 +6,12 @@
     model-deployer rollback                   put the previous release back
     model-deployer flux start|stop|status     the resident Flux service
     model-deployer audit [-n 20]              the host's audit log
+    model-deployer models [--prune]           model revisions on the host's disk
     model-deployer unlock                     break a deploy lock whose holder is gone
 
-Same config, exit codes and error rules as ``deploy-model``.
+Same config, exit codes and error rules as ``deploy-model``. Every command takes ``--json``,
+and the group's options (``--config``, ``--trust-new-host-key``, ``--debug``) before or after
+the subcommand.
 """
 
 from __future__ import annotations
@@ -51,6 +54,48 @@ class _Ctx:
         return self.core.open_host(settings, trust_new_host_key=self.trust)
 
 
+def _set_on_ctx(attr: str) -> Callable[[click.Context, click.Parameter, Any], None]:
+    def store(ctx: click.Context, param: click.Parameter, value: Any) -> None:
+        if value and isinstance(ctx.obj, _Ctx):
+            setattr(ctx.obj, attr, _debug_wanted(value) if attr == "debug" else value)
+
+    return store
+
+
+def shared_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The group's options, accepted after the subcommand as well
+    (``model-deployer status --config X``); there they win over the group's."""
+    for option in (
+        click.option(
+            "--config",
+            type=click.Path(dir_okay=False),
+            expose_value=False,
+            callback=_set_on_ctx("config_path"),
+            help="Config file (as before the subcommand).",
+        ),
+        click.option(
+            "--trust-new-host-key",
+            is_flag=True,
+            expose_value=False,
+            callback=_set_on_ctx("trust"),
+            help="As before the subcommand.",
+        ),
+        click.option(
+            "--debug",
+            is_flag=True,
+            expose_value=False,
+            callback=_set_on_ctx("debug"),
+            help="Tracebacks on errors.",
+        ),
+    ):
+        command = option(command)
+    return command
+
+
+def _json_out(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
 def _with_host(ctx: _Ctx, action: Callable[[Settings, Executor], int | None]) -> None:
     def work() -> int | None:
         settings = ctx.settings()
@@ -90,6 +135,7 @@ def main(
 
 
 @main.command()
+@shared_options
 @click.option("--json", "as_json", is_flag=True, help="JSON on stdout.")
 @click.pass_obj
 def status(ctx: _Ctx, as_json: bool) -> None:
@@ -110,6 +156,7 @@ def status(ctx: _Ctx, as_json: bool) -> None:
 
 
 @main.command()
+@shared_options
 @click.option("-n", "--lines", default=50, show_default=True, type=click.IntRange(1, 100000))
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new lines (Ctrl-C stops).")
 @click.pass_obj
@@ -125,6 +172,7 @@ def logs(ctx: _Ctx, lines: int, follow: bool) -> None:
 
 
 @main.command()
+@shared_options
 @click.option(
     "--purge-models",
     is_flag=True,
@@ -132,10 +180,16 @@ def logs(ctx: _Ctx, lines: int, follow: bool) -> None:
 )
 @click.option("--keep-flux-stopped", is_flag=True, help="Do not start Flux again.")
 @click.option("--lock-wait", default=0.0, type=click.FloatRange(0), help="Seconds to wait.")
+@click.option("--json", "as_json", is_flag=True, help="JSON on stdout.")
 @yes_option
 @click.pass_obj
 def undeploy(
-    ctx: _Ctx, purge_models: bool, keep_flux_stopped: bool, lock_wait: float, yes: bool
+    ctx: _Ctx,
+    purge_models: bool,
+    keep_flux_stopped: bool,
+    lock_wait: float,
+    as_json: bool,
+    yes: bool,
 ) -> None:
     """Stop and remove the inference service (unit, venv, env files); start Flux again."""
 
@@ -151,6 +205,9 @@ def undeploy(
             lock_wait_s=lock_wait,
             confirm=lambda changes: require("undeploy", changes, yes=yes),
         )
+        if as_json:
+            _json_out({"removed": result.removed, "flux": result.flux})
+            return
         for path in result.removed:
             click.echo(f"removed {path}")
         click.echo(f"{settings.remote.flux_service}: {result.flux}")
@@ -159,10 +216,12 @@ def undeploy(
 
 
 @main.command()
+@shared_options
 @click.option("--lock-wait", default=0.0, type=click.FloatRange(0), help="Seconds to wait.")
+@click.option("--json", "as_json", is_flag=True, help="JSON on stdout.")
 @yes_option
 @click.pass_obj
-def rollback(ctx: _Ctx, lock_wait: float, yes: bool) -> None:
+def rollback(ctx: _Ctx, lock_wait: float, as_json: bool, yes: bool) -> None:
     """Put the previous release (unit, env file, venv, weights) back and wait for health."""
 
     def action(settings: Settings, host: Executor) -> None:
@@ -170,7 +229,7 @@ def rollback(ctx: _Ctx, lock_wait: float, yes: bool) -> None:
         from .consent import require
         from .operations import rollback as run
 
-        reporter = ConsoleReporter(_console())
+        reporter = ConsoleReporter(_console(stderr=as_json))
         release = run(
             host,
             settings,
@@ -178,28 +237,45 @@ def rollback(ctx: _Ctx, lock_wait: float, yes: bool) -> None:
             on_health=reporter.health,
             confirm=lambda changes: require("rollback", changes, yes=yes),
         )
-        click.echo(f"rolled back to {release.summary()}")
+        if as_json:
+            _json_out(
+                {
+                    "release": release.number,
+                    "model": release.model,
+                    "revision": release.revision,
+                    "port": release.port,
+                    "quantization": release.quantization,
+                }
+            )
+        else:
+            click.echo(f"rolled back to {release.summary()}")
 
     _with_host(ctx, action)
 
 
 @main.command()
+@shared_options
 @click.argument("action", type=click.Choice(["start", "stop", "restart", "status"]))
 @click.option("--lock-wait", default=0.0, type=click.FloatRange(0), help="Seconds to wait.")
+@click.option("--json", "as_json", is_flag=True, help="JSON on stdout.")
 @click.pass_obj
-def flux(ctx: _Ctx, action: str, lock_wait: float) -> None:
+def flux(ctx: _Ctx, action: str, lock_wait: float, as_json: bool) -> None:
     """Start, stop or show the resident Flux service (changes take the host lock)."""
 
     def run(settings: Settings, host: Executor) -> None:
         from .operations import flux as do
 
         state = do(host, settings, action, lock_wait_s=lock_wait)
-        click.echo(f"{settings.remote.flux_service}: {state}")
+        if as_json:
+            _json_out({"unit": settings.remote.flux_service, "action": action, "state": state})
+        else:
+            click.echo(f"{settings.remote.flux_service}: {state}")
 
     _with_host(ctx, run)
 
 
 @main.command()
+@shared_options
 @click.option("-n", "--lines", default=20, show_default=True, type=click.IntRange(1, 10000))
 @click.option("--json", "as_json", is_flag=True, help="JSON lines on stdout.")
 @click.option(
@@ -238,15 +314,60 @@ def audit(ctx: _Ctx, lines: int, as_json: bool, verify: bool) -> None:
 
 
 @main.command()
+@shared_options
+@click.option("--json", "as_json", is_flag=True, help="JSON on stdout.")
 @click.pass_obj
-def unlock(ctx: _Ctx) -> None:
+def unlock(ctx: _Ctx, as_json: bool) -> None:
     """Break the host's deploy lock (only when its holder is surely gone)."""
 
     def action(settings: Settings, host: Executor) -> None:
         from .operations import unlock as run
 
         info = run(host, settings)
-        click.echo(f"broke the lock held by {info.describe()}" if info else "no lock was held")
+        if as_json:
+            _json_out({"broken": info.__dict__ if info else None})
+        else:
+            click.echo(f"broke the lock held by {info.describe()}" if info else "no lock was held")
+
+    _with_host(ctx, action)
+
+
+@main.command()
+@shared_options
+@click.option("--prune", is_flag=True, help="Delete the revisions no kept release needs.")
+@click.option("--lock-wait", default=0.0, type=click.FloatRange(0), help="Seconds to wait.")
+@click.option("--json", "as_json", is_flag=True, help="JSON on stdout.")
+@yes_option
+@click.pass_obj
+def models(ctx: _Ctx, prune: bool, lock_wait: float, as_json: bool, yes: bool) -> None:
+    """The model revisions on the host's disk: size, and which the live or a kept release
+    needs; --prune deletes the others (asks first)."""
+
+    def action(settings: Settings, host: Executor) -> None:
+        from .consent import require
+        from .operations import models_on_disk, prune_models
+
+        if prune:
+            gone = prune_models(
+                host,
+                settings,
+                lock_wait_s=lock_wait,
+                confirm=lambda changes: require("models --prune", changes, yes=yes),
+            )
+            if as_json:
+                _json_out({"removed": [m.to_json() for m in gone]})
+            else:
+                for model in gone:
+                    click.echo(f"removed {model.path}")
+                click.echo(f"{len(gone)} revision(s) removed")
+            return
+        found = models_on_disk(host, settings)
+        if as_json:
+            _json_out([m.to_json() for m in found])
+            return
+        from .apply_view import render_models
+
+        render_models(found, _console())
 
     _with_host(ctx, action)
 
