@@ -32,13 +32,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from . import audit, commands
+from . import audit
 from .catalog import Catalog, ModelSpec
 from .config import Settings
 from .errors import DeployError, DeployFailed, PlanOutdated, PlanRefused
 from .facts import DeploymentState, HostFacts
 from .host_steps import (
     Switch,
+    ensure_dir,
     journal_tail,
     lock_step,
     publish_step,
@@ -395,13 +396,15 @@ class Deployment:
         return [w for w in self.run_state.writes if is_service(w) == service]
 
     def _prepare_dirs(self) -> None:
-        remote = self.settings.remote
-        self.executor.run(commands.make_dir(remote.state_dir, owner="root"), sudo=True)
-        self.executor.run(commands.make_dir(remote.service_dir, owner="root"), sudo=True)
-        # The pull runs as the SSH user; the service only reads (0755).
-        self.executor.run(
-            commands.make_dir(remote.models_dir, owner=self.settings.host.user), sudo=True
-        )
+        """The directories the deploy writes to, made where missing and never re-owned: the
+        state and service dirs are root's; the pull runs as the SSH user, so it gets its own
+        model's directory (the service only reads, 0755)."""
+        remote, ex = self.settings.remote, self.executor
+        ensure_dir(ex, remote.state_dir, owner="root")
+        ensure_dir(ex, remote.service_dir, owner="root")
+        ensure_dir(ex, remote.models_dir, owner="root")
+        model_dir = f"{remote.models_dir.rstrip('/')}/{self.weights_spec.name}"
+        ensure_dir(ex, model_dir, owner=self.settings.host.user)
 
     def _service_env(self, model_path: str) -> ServiceEnv:
         service = self.plan.service

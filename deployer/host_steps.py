@@ -75,6 +75,16 @@ def snapshot(
     )
 
 
+def ensure_dir(executor: Executor, path: str, *, owner: str, mode: str = "0755") -> bool:
+    """Make ``path`` (owned by ``owner``) when it is missing; an existing directory is left as
+    it is: its owner and mode are the operator's, not this tool's. Returns whether it made
+    it."""
+    if executor.run(commands.test_path("-d", path), check=False).ok:
+        return False
+    executor.run(commands.make_dir(path, owner=owner, mode=mode), sudo=True)
+    return True
+
+
 def restore_file(executor: Executor, write: FileWrite, previous: str | None) -> None:
     if previous is None:
         executor.run(commands.remove(write.path), sudo=True)

@@ -241,3 +241,19 @@ def test_the_bootstrap_hook_runs_where_the_plan_put_it(
     assert isinstance(call, Call) and call.env is not None
     assert call.env["MODEL_NAME"] == "demo-tiny"
     assert call.env["MODEL_DIR"].startswith("/opt/models/demo-tiny/")
+
+
+def test_existing_directories_are_not_re_owned(host: FakeHost, tmp_path: Path) -> None:
+    """Only directories the deploy makes get its owner and mode; the operator's stay theirs."""
+    for existing in ("/opt/models", "/var/lib/model-deployer"):
+        host.path(existing).mkdir(parents=True)
+    deploy(host, tmp_path)[0].run()
+    made = [c.argv[-1] for c in host.calls if c.argv[:2] == ("install", "-d")]
+    assert "/opt/models" not in made and "/var/lib/model-deployer" not in made
+    owners = {
+        c.argv[-1]: c.argv[c.argv.index("-o") + 1]
+        for c in host.calls
+        if c.argv[:2] == ("install", "-d")
+    }
+    assert owners["/opt/models/demo-tiny"] == SETTINGS.host.user  # the pull writes there
+    assert owners["/opt/asoba-inference"] == "root"
