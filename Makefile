@@ -12,7 +12,7 @@ help:
 	@echo "make test-fast     unit and server tests only (no sandbox)"
 	@echo "make chaos         the long fault/load matrix (docs/reliability.md)"
 	@echo "make sandbox       boot the sandbox host and S3 endpoint; make sandbox-down stops them"
-	@echo "make lint          lock check, ruff"
+	@echo "make lint          lock check, ruff, mypy (strict, pyproject.toml)"
 	@echo "make lock          resolve pyproject.toml again into deployer/locks/ (on purpose only)"
 	@echo "make test-latest   the fast tier on the newest versions the ranges allow (throwaway venv)"
 
@@ -25,6 +25,7 @@ $(VENV)/.installed: pyproject.toml deployer/locks/dev.txt scripts/install-dev.sh
 lint: install
 	@$(PY) scripts/lock.py --check
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 # Refresh the lock on purpose: every version may move. Commit the result with the reason.
 #   make lock                  keeps every locked version the ranges still allow

@@ -14,8 +14,6 @@ from .apply import ApplyResult
 from .operations import ModelOnDisk, ServiceStatus
 from .pull import PullEvent, PullProgress, PullResult, PullStarted, PullWarning
 
-STEP_WORDS = {"start": "…", "done": "✓", "undo": "↩ undo", "undo-failed": "✗ undo failed"}
-
 
 def _size(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):

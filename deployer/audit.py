@@ -190,7 +190,9 @@ def verify(executor: Executor, state_dir: str, *, sudo: bool = True) -> ChainRep
     return check_chain(result.stdout)
 
 
-def tail(executor: Executor, state_dir: str, n: int = 20, *, sudo: bool = True) -> list[dict]:
+def tail(
+    executor: Executor, state_dir: str, n: int = 20, *, sudo: bool = True
+) -> list[dict[str, Any]]:
     """The last ``n`` entries, oldest first; unreadable lines are skipped, no log is []."""
     if n <= 0:
         return []

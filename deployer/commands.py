@@ -7,8 +7,6 @@ Unit tests compare the exact lists.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 Argv = list[str]
 
 
@@ -42,14 +40,6 @@ def reset_failed(unit: str) -> Argv:
 
 def daemon_reload() -> Argv:
     return systemctl("daemon-reload")
-
-
-def is_active(unit: str) -> Argv:
-    return systemctl("is-active", "--quiet", unit)
-
-
-def show(unit: str, properties: Sequence[str]) -> Argv:
-    return systemctl("show", unit, "--property=" + ",".join(properties))
 
 
 def journal(unit: str, lines: int = 50, *, follow: bool = False) -> Argv:

@@ -311,7 +311,7 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in environ.items():
         if key == ENV_CATALOG:
-            out["catalog"] = value  # type: ignore[assignment]
+            out["catalog"] = value
             continue
         if not key.startswith(ENV_PREFIX) or key == ENV_CONFIG or "__" not in key:
             continue

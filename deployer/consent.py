@@ -17,7 +17,6 @@ from .errors import DeployError
 if TYPE_CHECKING:
     from .planner import Plan
 
-YES_ENV = "MODEL_DEPLOYER_YES"
 Ask = Callable[[str], bool]
 
 

@@ -48,7 +48,6 @@ from .config import PolicyConfig
 from .model_meta import ModelMeta
 
 Quantization = Literal["none", "awq", "bnb-4bit", "bnb-8bit"]
-QUANTIZATIONS: tuple[Quantization, ...] = ("none", "awq", "bnb-4bit", "bnb-8bit")
 
 GB = 1_000_000_000
 MIB = 1024 * 1024

@@ -14,7 +14,8 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from .estimate import count_text, size_text
-from .planner import Plan, plan_json
+from .planner import Plan
+from .planner import plan_json as plan_json  # the plan's JSON, shown by the CLIs from here
 from .redact import Redactor
 
 if TYPE_CHECKING:

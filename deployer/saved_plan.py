@@ -31,8 +31,9 @@ def load_saved_plan(path: str) -> Plan:
     text = read_operator_file(Path(path), kind="plan file", label=path, error=ConfigError)
     try:
         data = json.loads(text)
-    except ValueError as exc:
-        raise ConfigError(f"{path}: not a plan (invalid JSON: {exc.msg})") from None
+    except ValueError as exc:  # JSONDecodeError, or a number past the int digit limit
+        detail = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
+        raise ConfigError(f"{path}: not a plan (invalid JSON: {detail})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: not a plan (expected a JSON object)")
     for key in _NOT_THE_PLAN:

@@ -76,14 +76,14 @@ def fingerprint(key: paramiko.PKey) -> str:
     return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
 
 
-class _UnknownHostKey(paramiko.SSHException):
+class _UnknownHostKey(paramiko.SSHException):  # type: ignore[misc]  # paramiko: untyped
     def __init__(self, hostname: str, key: paramiko.PKey) -> None:
         super().__init__(f"unknown host key for {hostname}")
         self.hostname = hostname
         self.key = key
 
 
-class _HostKeyPolicy(paramiko.MissingHostKeyPolicy):
+class _HostKeyPolicy(paramiko.MissingHostKeyPolicy):  # type: ignore[misc]  # untyped base
     def __init__(self, known_hosts: Path, trust_new: bool) -> None:
         self.known_hosts = known_hosts
         self.trust_new = trust_new
@@ -122,14 +122,14 @@ class _LineWriter(io.TextIOBase):
 STDIN_CHUNK = 64 * 1024
 
 
-class _ChunkedStdinRemote(Remote):
+class _ChunkedStdinRemote(Remote):  # type: ignore[misc]  # fabric ships no types
     """Fabric's remote runner, feeding a string stdin in 64 KiB chunks.
 
     Invoke asks a stream that is not a terminal for one byte per turn of its stdin loop and
     naps 10 ms between turns: about 100 bytes a second, so a 20 KB script took minutes.
     """
 
-    def read_our_stdin(self, input_: io.TextIOBase) -> str | None:  # type: ignore[override]
+    def read_our_stdin(self, input_: io.TextIOBase) -> str | None:
         if isinstance(input_, io.StringIO):
             return input_.read(STDIN_CHUNK)
         return super().read_our_stdin(input_)  # type: ignore[no-any-return]

@@ -472,17 +472,3 @@ def write_file(executor: Executor, write: FileWrite, *, token: str | None = None
     except BaseException:
         executor.run(commands.remove(write.temp_path(token)), sudo=True, check=False)
         raise
-
-
-def read_file_argv(path: str) -> list[str]:
-    return ["cat", "--", path]
-
-
-def verify_unit_argv(path: str) -> list[str]:
-    """``systemd-analyze verify``: catches typos in directives before the unit is started."""
-    return ["systemd-analyze", "verify", path]
-
-
-def security_argv(unit: str) -> list[str]:
-    """The exposure score of a loaded unit (lower is better)."""
-    return ["systemd-analyze", "security", "--no-pager", unit]

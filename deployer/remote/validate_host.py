@@ -19,9 +19,15 @@ Everything starts at once (one thread each), so the answer costs about as long a
 part. Nothing is changed: the commands are chosen by the caller to be read-only, credentials
 are only located (never printed), and HTTP requests are GET/HEAD (plus the instance metadata
 service's token request, which is how it is read).
+
+The JSON shapes are spelled out as ``TypedDict`` classes for the type checker; annotations stay
+unevaluated (``from __future__ import annotations``), so the script still runs on 3.8.
 """
 
+from __future__ import annotations
+
 import configparser
+import functools
 import json
 import os
 import platform
@@ -32,6 +38,12 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from typing import TYPE_CHECKING, Generic, TypedDict, TypeVar
+
+if TYPE_CHECKING:  # annotations only: never evaluated at run time
+    from collections.abc import Callable, Mapping
+
+T = TypeVar("T")
 
 OUT_MAX = 1000
 PROBE_OUT_MAX = 1024 * 1024
@@ -64,15 +76,121 @@ print(json.dumps({"method": creds.method if creds is not None else None}))
 """
 
 
-def run_command(argv, timeout, out_max=OUT_MAX, env_extra=None, stdin=None):
+# ----------------------------------------------------------------------------- JSON shapes
+
+
+class ProbeSpec(TypedDict, total=False):
+    argv: list[str]
+    stdin: str | None
+
+
+class AwsSpec(TypedDict, total=False):
+    profile: str | None
+    endpoint: str | None
+    bucket: str | None
+    venv_python: str | None
+
+
+class Spec(TypedDict, total=False):
+    """The caller's one JSON argument (see the module docstring)."""
+
+    probe: ProbeSpec
+    commands: dict[str, list[str]]
+    space: dict[str, str]
+    aws: AwsSpec | None
+    health: bool
+    timeout: float | None
+
+
+class CommandRun(TypedDict):
+    code: int | None  # None: it could not run (not found, timed out)
+    out: str
+    err: str
+    elapsed_s: float
+
+
+class Space(TypedDict):
+    path: str
+    measured_path: str
+    free_bytes: int
+
+
+class SpaceError(TypedDict):
+    path: str
+    error: str
+
+
+class _AwsStatus(TypedDict):
+    status: str  # found | indirect | none
+    source: str | None
+
+
+class AwsAnswer(_AwsStatus, total=False):
+    detail: str | None
+    profile: str
+    user: str
+
+
+class Endpoint(TypedDict, total=False):
+    url: str
+    reachable: bool
+    http_status: int
+    error: str
+
+
+class Fetched(TypedDict, total=False):
+    code: int | None
+    body: str
+    error: str
+
+
+class Health(TypedDict):
+    port: int
+    health: Fetched
+    status: Fetched
+
+
+class TaskError(TypedDict):
+    error: str
+
+
+class _ResultRequired(TypedDict):
+    hostname: str
+    python: dict[str, str]
+    space: dict[str, Space | SpaceError]
+    commands: dict[str, CommandRun | TaskError]
+    duration_s: float
+
+
+class Result(_ResultRequired, total=False):
+    """What the script prints; ``probe``/``health`` and ``aws`` only when the spec asks."""
+
+    probe: CommandRun | TaskError
+    health: Health | None
+    # the answer (or why none), with "endpoint": endpoint_reachable's or None
+    aws: dict[str, object]
+
+
+class Fatal(TypedDict):
+    fatal: str
+
+
+def run_command(
+    argv: list[str],
+    timeout: float,
+    out_max: int = OUT_MAX,
+    env_extra: Mapping[str, str] | None = None,
+    stdin: str | None = None,
+) -> CommandRun:
     """{"code", "out", "err", "elapsed_s"} of one command; code None when it could not run."""
     started = time.monotonic()
     env = dict(os.environ, LC_ALL="C", LANG="C", **(env_extra or {}))
-    feed = {"input": stdin} if stdin is not None else {"stdin": subprocess.DEVNULL}
+    code: int | None
     try:
         proc = subprocess.run(
             argv,
-            **feed,
+            input=stdin,  # fed on stdin when given, else stdin is /dev/null
+            stdin=None if stdin is not None else subprocess.DEVNULL,
             capture_output=True,
             text=True,
             env=env,
@@ -94,7 +212,7 @@ def run_command(argv, timeout, out_max=OUT_MAX, env_extra=None, stdin=None):
     }
 
 
-def free_space(path):
+def free_space(path: str) -> Space:
     measured = os.path.abspath(path)
     while not os.path.isdir(measured) and measured != os.path.dirname(measured):
         measured = os.path.dirname(measured)
@@ -105,7 +223,7 @@ def free_space(path):
 # ----------------------------------------------------------------------------- AWS
 
 
-def _read_ini(path):
+def _read_ini(path: str) -> configparser.RawConfigParser | None:
     parser = configparser.RawConfigParser()
     try:
         parser.read(path, encoding="utf-8")
@@ -114,7 +232,7 @@ def _read_ini(path):
     return parser
 
 
-def _from_files(profile, env):
+def _from_files(profile: str, env: Mapping[str, str]) -> tuple[str, str] | None:
     """Where the shared files give credentials for ``profile``: (status, source) or None."""
     home = os.path.expanduser("~")
     creds_file = env.get("AWS_SHARED_CREDENTIALS_FILE") or os.path.join(home, ".aws", "credentials")
@@ -135,7 +253,7 @@ def _from_files(profile, env):
     return None
 
 
-def _from_imds():
+def _from_imds() -> str | None:
     """The instance profile's role name from the EC2 metadata service (IMDSv2), or None."""
     token_req = urllib.request.Request(  # noqa: S310 (a fixed http URL)
         IMDS + "/latest/api/token",
@@ -156,7 +274,7 @@ def _from_imds():
     return role[0] if role else None
 
 
-def aws_stdlib(profile, env):
+def aws_stdlib(profile: str, env: Mapping[str, str]) -> AwsAnswer:
     """{"status": found|indirect|none, "source"} without boto3."""
     if env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY"):
         return {"status": "found", "source": "environment variables"}
@@ -176,7 +294,7 @@ def aws_stdlib(profile, env):
     return {"status": "none", "source": None}
 
 
-def aws_venv(python, profile, timeout):
+def aws_venv(python: str, profile: str, timeout: float) -> AwsAnswer | None:
     """boto3's answer from the service venv, or None when it cannot give one."""
     env_extra = {"AWS_METADATA_SERVICE_TIMEOUT": "1", "AWS_METADATA_SERVICE_NUM_ATTEMPTS": "1"}
     result = run_command([python, "-c", BOTO_SNIPPET, profile], timeout, env_extra=env_extra)
@@ -194,7 +312,7 @@ def aws_venv(python, profile, timeout):
     return {"status": "none", "source": "boto3 in the service venv", "detail": data.get("detail")}
 
 
-def endpoint_reachable(endpoint, bucket):
+def endpoint_reachable(endpoint: str, bucket: str) -> Endpoint:
     """HEAD <endpoint>/<bucket> unsigned: any HTTP answer means S3 is reachable from here."""
     url = endpoint.rstrip("/") + "/" + bucket
     request = urllib.request.Request(url, method="HEAD")  # noqa: S310 (http(s) from config)
@@ -208,10 +326,10 @@ def endpoint_reachable(endpoint, bucket):
         return {"url": url, "reachable": False, "error": str(reason)}
 
 
-def aws(spec, timeout):
+def aws(spec: AwsSpec, timeout: float) -> AwsAnswer:
     explicit = spec.get("profile") or os.environ.get("AWS_PROFILE") or ""
     profile = explicit or "default"
-    answer = None
+    answer: AwsAnswer | None = None
     python = spec.get("venv_python")
     if python and os.access(python, os.X_OK):
         answer = aws_venv(python, explicit, timeout)
@@ -222,7 +340,7 @@ def aws(spec, timeout):
     return answer
 
 
-def _user():
+def _user() -> str:
     try:
         import pwd
 
@@ -234,7 +352,7 @@ def _user():
 # ----------------------------------------------------------------------------- health
 
 
-def fetch(url):
+def fetch(url: str) -> Fetched:
     try:
         with urllib.request.urlopen(url, timeout=HTTP_TIMEOUT) as resp:  # noqa: S310 (loopback)
             return {"code": resp.status, "body": resp.read(BODY_MAX).decode("utf-8", "replace")}
@@ -244,7 +362,7 @@ def fetch(url):
         return {"code": None, "error": str(getattr(exc, "reason", exc))}
 
 
-def deployed_port(probe_stdout):
+def deployed_port(probe_stdout: str) -> int | None:
     """The port of the deployment the probe found, or None."""
     try:
         lines = [line for line in probe_stdout.splitlines() if line.strip()]
@@ -255,7 +373,7 @@ def deployed_port(probe_stdout):
     return port if isinstance(port, int) and 0 < port < 65536 else None
 
 
-def health(port):
+def health(port: int) -> Health:
     base = f"http://127.0.0.1:{int(port)}"
     return {"port": port, "health": fetch(base + "/health"), "status": fetch(base + "/status")}
 
@@ -263,83 +381,84 @@ def health(port):
 # ----------------------------------------------------------------------------- main
 
 
-class Tasks:
-    """Named callables, each in its own thread; ``wait`` gathers what they returned."""
+class Task(Generic[T]):
+    """One callable in its own thread; ``wait`` gives what it returned, or why it did not."""
 
-    def __init__(self):
-        self.threads = {}
-        self.results = {}
+    def __init__(self, name: str, func: Callable[[], T]) -> None:
+        self._result: T | TaskError = {"error": "timed out"}
+        self._thread = threading.Thread(target=self._run, args=(func,), name=name, daemon=True)
+        self._thread.start()
 
-    def start(self, name, func, *args):
-        def target():
-            try:
-                self.results[name] = func(*args)
-            except Exception as exc:  # reported, never a traceback
-                self.results[name] = {"error": f"{type(exc).__name__}: {exc}"}
+    def _run(self, func: Callable[[], T]) -> None:
+        try:
+            self._result = func()
+        except Exception as exc:  # reported, never a traceback
+            self._result = {"error": f"{type(exc).__name__}: {exc}"}
 
-        thread = threading.Thread(target=target, name=name, daemon=True)
-        self.threads[name] = thread
-        thread.start()
-
-    def wait(self, name, timeout):
-        self.threads[name].join(timeout)
-        return self.results.get(name, {"error": "timed out"})
+    def wait(self, timeout: float) -> T | TaskError:
+        self._thread.join(timeout)
+        return self._result
 
 
-def validate(spec):
+def validate(spec: Spec) -> Result:
     started = time.monotonic()
     timeout = float(spec.get("timeout") or 10.0)
-    tasks = Tasks()
-    if spec.get("probe"):
-        probe = spec["probe"]
-        tasks.start(
+    probe_spec = spec.get("probe")
+    probe_task = None
+    if probe_spec:
+        probe_argv = probe_spec["argv"]
+        probe_stdin = probe_spec.get("stdin")
+        probe_task = Task(
             "probe",
-            run_command,
-            probe["argv"],
-            timeout * 3,
-            PROBE_OUT_MAX,
-            None,
-            probe.get("stdin"),
+            lambda: run_command(probe_argv, timeout * 3, PROBE_OUT_MAX, None, probe_stdin),
         )
-    for name, argv in sorted((spec.get("commands") or {}).items()):
-        tasks.start("cmd:" + name, run_command, argv, timeout)
-    if spec.get("aws") is not None:
-        tasks.start("aws", aws, spec["aws"], timeout)
-        if spec["aws"].get("endpoint") and spec["aws"].get("bucket"):
-            tasks.start(
-                "endpoint", endpoint_reachable, spec["aws"]["endpoint"], spec["aws"]["bucket"]
-            )
-    out = {
-        "hostname": socket.gethostname(),
-        "python": {"version": platform.python_version(), "executable": sys.executable},
-        "space": {},
+    commands = spec.get("commands") or {}
+    command_tasks = {
+        name: Task("cmd:" + name, functools.partial(run_command, argv, timeout))
+        for name, argv in sorted(commands.items())
     }
+    aws_spec = spec.get("aws")
+    aws_task = endpoint_task = None
+    if aws_spec is not None:
+        aws_task = Task("aws", lambda: aws(aws_spec, timeout))
+        endpoint, bucket = aws_spec.get("endpoint"), aws_spec.get("bucket")
+        if endpoint and bucket:
+            endpoint_task = Task("endpoint", lambda: endpoint_reachable(endpoint, bucket))
+    space: dict[str, Space | SpaceError] = {}
     for name, path in (spec.get("space") or {}).items():
         try:
-            out["space"][name] = free_space(path)
+            space[name] = free_space(path)
         except OSError as exc:
-            out["space"][name] = {"path": path, "error": str(exc)}
-    grace = timeout * 3 + 5
-    if spec.get("probe"):
-        out["probe"] = tasks.wait("probe", grace)
-        port = deployed_port(out["probe"].get("out", "")) if spec.get("health") else None
-        out["health"] = health(port) if port else None
-    out["commands"] = {
-        name: tasks.wait("cmd:" + name, grace) for name in sorted(spec.get("commands") or {})
+            space[name] = {"path": path, "error": str(exc)}
+    out: Result = {
+        "hostname": socket.gethostname(),
+        "python": {"version": platform.python_version(), "executable": sys.executable},
+        "space": space,
+        "commands": {},
+        "duration_s": 0.0,
     }
-    if spec.get("aws") is not None:
-        out["aws"] = tasks.wait("aws", grace)
-        out["aws"]["endpoint"] = (
-            tasks.wait("endpoint", grace) if "endpoint" in tasks.threads else None
+    grace = timeout * 3 + 5
+    if probe_task is not None:
+        probe = out["probe"] = probe_task.wait(grace)
+        probe_out = probe.get("out")  # none when the task failed
+        port = (
+            deployed_port(probe_out) if spec.get("health") and isinstance(probe_out, str) else None
         )
+        out["health"] = health(port) if port else None
+    out["commands"] = {name: task.wait(grace) for name, task in command_tasks.items()}
+    if aws_task is not None:
+        answer: dict[str, object] = dict(aws_task.wait(grace))
+        answer["endpoint"] = endpoint_task.wait(grace) if endpoint_task is not None else None
+        out["aws"] = answer
     out["duration_s"] = round(time.monotonic() - started, 4)
     return out
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    result: Result | Fatal
     try:
-        spec = json.loads(argv[0]) if argv else {}
+        spec: Spec = json.loads(argv[0]) if argv else {}
         result = validate(spec)
     except Exception as exc:  # the caller reads JSON
         result = {"fatal": f"{type(exc).__name__}: {exc}"}

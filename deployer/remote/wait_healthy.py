@@ -17,9 +17,10 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from typing import Any
 
 
-def fetch(url: str) -> tuple[int, dict]:
+def fetch(url: str) -> tuple[int, dict[str, Any]]:
     try:
         with urllib.request.urlopen(url, timeout=3) as response:  # noqa: S310 (loopback URL)
             return response.status, json.loads(response.read().decode() or "{}")

@@ -586,11 +586,11 @@ async def _merged(streams: list[DeltaIterator]) -> AsyncIterator[tuple[int, Delt
     live = len(tasks)
     try:
         while live:
-            index, delta = await queue.get()
-            if delta is None:
+            index, item = await queue.get()
+            if item is None:
                 live -= 1
             else:
-                yield index, delta
+                yield index, item
     finally:
         for task in tasks:
             task.cancel()

@@ -105,3 +105,40 @@ def test_index_url_must_be_a_url(tmp_path: Path) -> None:
         load_settings(write(tmp_path, '[install]\nindex_url = "ftp://x/simple"\n'), environ={})
     ok = load_settings(write(tmp_path, '[install]\nindex_url = "https://pypi.example/simple"\n'))
     assert ok.install.index_url == "https://pypi.example/simple"
+
+
+# ------------------------------------------------------------------- discovery in the cwd
+
+BROKEN_TOML = "[host\naddress = \n"
+
+
+def test_a_config_file_in_the_working_directory_does_not_reach_the_tests(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A broken ./model-deployer.toml where the tests run (the repository root, where the
+    README puts the operator's) changes nothing: every load sees only what the test gives."""
+    (tmp_path / "model-deployer.toml").write_text(BROKEN_TOML)
+    monkeypatch.chdir(tmp_path)
+    s = load_settings()
+    assert s.source == "defaults" and s.host.address is None
+    s = load_settings(environ={"MODEL_DEPLOYER_HOST__PORT": "2222"})
+    assert s.source == "defaults" and s.host.port == 2222
+    given = write(tmp_path, '[host]\naddress = "10.0.0.5"\n')
+    assert load_settings(environ={"MODEL_DEPLOYER_CONFIG": str(given)}).host.address == "10.0.0.5"
+
+
+def test_operators_config_in_the_working_directory_is_found(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, user_config_discovery: Path
+) -> None:
+    """What operators get: ./model-deployer.toml when no path and no MODEL_DEPLOYER_CONFIG
+    name another, a broken one reported as such, and none at all meaning the defaults."""
+    monkeypatch.chdir(tmp_path)
+    assert load_settings(environ={}).source == "defaults"
+    (tmp_path / user_config_discovery).write_text('[host]\naddress = "10.0.0.7"\n')
+    s = load_settings(environ={})
+    assert s.host.address == "10.0.0.7" and s.source == str(user_config_discovery)
+    other = write(tmp_path, '[host]\naddress = "10.0.0.8"\n')
+    assert load_settings(environ={"MODEL_DEPLOYER_CONFIG": str(other)}).host.address == "10.0.0.8"
+    (tmp_path / user_config_discovery).write_text(BROKEN_TOML)
+    with pytest.raises(ConfigError, match=r"model-deployer\.toml: not valid TOML"):
+        load_settings(environ={})
