@@ -465,6 +465,9 @@ def test_an_edited_plan_is_refused(
     assert "was edited" in result.stderr
     path.write_text("{not json")
     assert "not a plan" in run("--plan", str(path)).stderr
+    path.write_text('{"port": ' + "9" * 5000 + "}")  # past Python's int digit limit
+    result = run("--plan", str(path))
+    assert result.exit_code == 2 and "not a plan (invalid JSON: Exceeds the limit" in result.stderr
 
 
 def test_a_plan_from_other_code_is_refused(
