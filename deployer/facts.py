@@ -8,6 +8,7 @@ GPU memory in MiB as the driver gives it, everything else in bytes.
 Deployment state file
 ---------------------
 The apply stage records what it put on the host in ``<settings.remote.state_dir>/current.json``
+(``deployer.releases.CURRENT``, whose writer is ``Releases``)
 (default ``/var/lib/model-deployer/current.json``), mode 0644 so that the unprivileged probe
 can read it. It writes the file atomically (temp file + rename) after the service is healthy,
 and removes it when it removes the deployment. Format (``DeploymentState``)::
@@ -39,7 +40,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 MIB = 1024 * 1024
 PROBE_VERSION = 1
-STATE_FILE_NAME = "current.json"
 STATE_SCHEMA = 1
 
 

@@ -317,8 +317,11 @@ def headroom(
         if gpu_index is not None and gpu.index != gpu_index:
             continue
         freed = 0
-        for which in ("inference", "flux") if placement == "replace" else ("inference",):
-            share = unit_gpu_bytes(gpu, facts, which)  # type: ignore[arg-type]
+        units: tuple[Literal["flux", "inference"], ...] = (
+            ("inference", "flux") if placement == "replace" else ("inference",)
+        )
+        for which in units:
+            share = unit_gpu_bytes(gpu, facts, which)
             if share is None:
                 unit = facts.flux if which == "flux" else facts.inference
                 notes.append(

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -224,7 +224,7 @@ def parse_event(line: str) -> PullEvent | None:
     kind = _EVENT_TYPES.get(str(data.pop("event", "")))
     if kind is None:
         return None
-    known = kind.__dataclass_fields__
+    known = {f.name for f in fields(kind)}
     values = {k: v for k, v in data.items() if k in known}
     if "unverified" in values:
         values["unverified"] = tuple(values["unverified"] or ())

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import commands
-from .errors import ForeignUnit
+from .errors import ConfigError, ForeignUnit
 from .operator_input import within
 from .redact import Secret
 
@@ -116,16 +116,16 @@ class ServiceEnv:
 
     def __post_init__(self) -> None:
         if self.quantization not in QUANTIZATION:
-            raise ValueError(f"unknown quantization {self.quantization!r}")
+            raise ConfigError(f"unknown quantization {self.quantization!r}")
         if self.dtype not in DTYPE:
-            raise ValueError(f"unknown dtype {self.dtype!r}")
+            raise ConfigError(f"unknown dtype {self.dtype!r}")
         if not 1 <= self.port <= 65535:
-            raise ValueError(f"port out of range: {self.port}")
+            raise ConfigError(f"port out of range: {self.port}")
         if self.api_key is not None and not isinstance(self.api_key, Secret):
-            raise TypeError("api_key must be a Secret")
+            raise ConfigError("api_key must be a Secret")
         for key in self.extra:
             if not _ENV_KEY_RE.fullmatch(key):
-                raise ValueError(f"not an environment variable name: {key!r}")
+                raise ConfigError(f"not an environment variable name: {key!r}")
 
     def variables(self) -> dict[str, str | Secret]:
         """Variable -> value, in a stable order; unset optional values are left out."""

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from deployer import unit
 from deployer.config import Settings
+from deployer.errors import ConfigError
 from deployer.redact import REDACTED, Redactor, Secret, redact
 from tests.local_executor import LocalExecutor
 
@@ -196,7 +197,7 @@ def test_env_quoting_matches_bash() -> None:
 def test_env_values_with_newlines_are_refused() -> None:
     with pytest.raises(ValueError):
         unit.quote_env_value("a\nb")
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError, match="unknown quantization"):
         unit.ServiceEnv(model_dir="/m", model_name="m", port=1, quantization="3bit")
 
 
