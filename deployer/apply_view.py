@@ -7,12 +7,21 @@ from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 from rich.table import Table
 from rich.text import Text
 
 from .apply import ApplyResult
 from .operations import ModelOnDisk, ServiceStatus
-from .pull import PullEvent, PullProgress, PullResult, PullStarted, PullWarning
+from .pull import PullEvent, PullFailed, PullProgress, PullResult, PullStarted, PullWarning
 
 
 def _size(n: float) -> str:
@@ -29,12 +38,16 @@ class ConsoleReporter:
     def __init__(self, console: Console) -> None:
         self.console = console
         self._last_progress = 0.0
+        self._bar: Progress | None = None  # the pull's, on a terminal
+        self._task: TaskID | None = None
 
     def step(self, event: str, name: str) -> None:
         if event == "start":
             self.console.print(f"[bold]→ {name}[/]")
         elif event == "done":
             self.console.print(f"  [green]✓ {name}[/]")
+        elif event == "skip":
+            self.console.print(f"  [dim]· {name}: nothing to change[/]")
         elif event == "undo":
             self.console.print(f"  [yellow]↩ undo {name}[/]")
         elif event == "undo-failed":
@@ -45,9 +58,12 @@ class ConsoleReporter:
 
     def warn(self, message: str) -> None:
         # Host and S3 text (an object key like `weights/[/]x`) is never read as markup.
-        self.console.print(f"  [yellow]warning:[/] {escape(message)}")
+        self.console.print(f"  [yellow]warning:[/] {escape(message)}", highlight=False)
 
     def pull(self, event: PullEvent) -> None:
+        """A progress bar (bytes, rate, ETA) on a terminal; a line every 2 s otherwise."""
+        if self.console.is_terminal and self._pull_bar(event):
+            return
         if isinstance(event, PullStarted):
             self.console.print(
                 f"  {event.files} files, {_size(event.total)}; to fetch {_size(event.to_fetch)}"
@@ -72,6 +88,36 @@ class ConsoleReporter:
             self.warn(event.message)
         elif isinstance(event, PullResult):
             self.console.print(f"  {event.status}: {event.path}", markup=False, highlight=False)
+
+    def _pull_bar(self, event: PullEvent) -> bool:
+        """Draw ``event`` on the bar; False: print it as a line as well."""
+        if isinstance(event, PullStarted):
+            self._bar = Progress(
+                TextColumn("  {task.description}"),
+                BarColumn(),
+                DownloadColumn(),
+                TransferSpeedColumn(),
+                TimeRemainingColumn(),
+                console=self.console,
+            )
+            self._bar.start()
+            self._task = self._bar.add_task(
+                escape(f"{event.name}@{event.revision}"),
+                total=event.total,
+                completed=event.resumed_bytes,
+            )
+            return False  # the files/size line is worth keeping above the bar
+        if self._bar is None or self._task is None:
+            return False
+        if isinstance(event, PullProgress):
+            self._bar.update(self._task, completed=event.bytes, total=event.total)
+            return True
+        if isinstance(event, PullResult | PullFailed):
+            if isinstance(event, PullResult):
+                self._bar.update(self._task, completed=event.total)
+            self._bar.stop()
+            self._bar = self._task = None
+        return False
 
     def health(self, event: dict[str, Any]) -> None:
         kind = event.get("event")

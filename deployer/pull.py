@@ -22,8 +22,6 @@ from typing import TYPE_CHECKING, Any
 from .errors import ModelSourceError, RemoteCommandFailed
 
 if TYPE_CHECKING:
-    from rich.console import Console
-
     from .catalog import ModelSpec
     from .config import Settings
     from .ssh import Executor
@@ -305,80 +303,12 @@ def run_pull(
 # ------------------------------------------------------------------------ progress bar
 
 
-class PullProgressBar:
-    """An ``EventCallback`` drawing a Rich progress bar; use it as a context manager."""
-
-    def __init__(self, console: Console | None = None, *, label: str = "pull") -> None:
-        self._console = console
-        self._label = label
-        self._progress: Any = None
-        self._task: Any = None
-
-    def __enter__(self) -> PullProgressBar:
-        from rich.progress import (
-            BarColumn,
-            DownloadColumn,
-            Progress,
-            TextColumn,
-            TimeRemainingColumn,
-            TransferSpeedColumn,
-        )
-
-        self._progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            DownloadColumn(binary_units=True),
-            TransferSpeedColumn(),
-            TimeRemainingColumn(),
-            console=self._console,
-            transient=False,
-        )
-        self._progress.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._progress is not None:
-            self._progress.__exit__(*exc)
-
-    def __call__(self, event: PullEvent) -> None:
-        progress = self._progress
-        if progress is None:
-            return
-        if isinstance(event, PullStarted):
-            self._task = progress.add_task(
-                f"{self._label} {event.name}@{event.revision}",
-                total=event.total,
-                completed=event.resumed_bytes,
-            )
-        elif isinstance(event, PullProgress) and self._task is not None:
-            progress.update(self._task, completed=event.bytes, total=event.total)
-        elif isinstance(event, PullWarning):
-            progress.console.print(f"[yellow]warning:[/] {event.message}")
-        elif isinstance(event, PullResult):
-            if self._task is not None:
-                progress.update(self._task, completed=event.total)
-            progress.console.print(event.message)
-
-
-def describe(result: PullResult) -> str:
-    """One line for the plan/apply output."""
-    if result.already_present:
-        return f"{result.name}@{result.revision} already on the host ({result.path})"
-    fetched = result.fetched_bytes / GIB
-    return (
-        f"{result.name}@{result.revision} pulled to {result.path}: {fetched:.2f} GiB in "
-        f"{result.elapsed_s:.0f} s"
-        + (f" (resumed {result.resumed_bytes / GIB:.2f} GiB)" if result.resumed_bytes else "")
-    )
-
-
 __all__ = (
     "PullEvent",
     "PullEventStream",
     "PullFailed",
     "PullFileVerified",
     "PullProgress",
-    "PullProgressBar",
     "PullRequest",
     "PullResult",
     "PullStarted",

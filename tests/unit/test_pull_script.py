@@ -8,6 +8,7 @@ import hashlib
 import importlib.util
 import io
 import json
+import re
 import sys
 import threading
 import time
@@ -409,7 +410,6 @@ def test_run_pull_sends_the_script_on_stdin_and_returns_the_result() -> None:
     assert seen == [result]
     ((argv, stdin),) = executor.calls
     assert argv[:2] == ["/v/bin/python", "-"] and stdin == SCRIPT.read_text()
-    assert "already on the host" in pull.describe(result)
 
 
 def test_run_pull_maps_script_errors_to_model_source_errors() -> None:
@@ -430,17 +430,22 @@ def test_run_pull_maps_script_errors_to_model_source_errors() -> None:
         pull.run_pull(CannedExecutor("", 127), REQUEST, python="py")
 
 
-def test_progress_bar_consumes_events() -> None:
+@pytest.mark.parametrize("terminal", [True, False], ids=["terminal", "pipe"])
+def test_the_pull_shows_a_bar_on_a_terminal_and_lines_otherwise(terminal: bool) -> None:
     from rich.console import Console
 
+    from deployer.apply_view import ConsoleReporter
+
     out = io.StringIO()
-    with pull.PullProgressBar(Console(file=out, width=100, force_terminal=False)) as bar:
-        bar(pull.PullStarted("x", "r1", 1, 100, 100, 0, "/s"))
-        bar(pull.PullProgress(50, 100, 50, 10, 5.0, 0, 1))
-        bar(pull.PullWarning("careful"))
-        bar(pull.parse_event(DONE))  # type: ignore[arg-type]
-    text = out.getvalue()
-    assert "careful" in text and "already present" in text
+    reporter = ConsoleReporter(Console(file=out, width=100, force_terminal=terminal))
+    reporter.pull(pull.PullStarted("x", "r1", 1, 100 * 2**20, 100 * 2**20, 0, "/s"))
+    reporter.pull(pull.PullProgress(50 * 2**20, 100 * 2**20, 50 * 2**20, 10 * 2**20, 5.0, 0, 1))
+    reporter.pull(pull.PullWarning("weights/[/]odd key"))  # host text, never markup
+    reporter.pull(pull.parse_event(DONE))  # type: ignore[arg-type]
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", out.getvalue())  # colours and cursor moves
+    assert "weights/[/]odd key" in text and "/opt/models/x/r1" in text
+    assert ("━" in text) is terminal  # the bar is drawn only on a terminal
+    assert reporter._bar is None  # and stopped when the pull ends
 
 
 # ---------------------------------------------------------------------------- preflight
