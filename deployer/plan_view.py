@@ -103,7 +103,7 @@ def render_plan(plan: Plan, console: Console, *, dry_run: bool = True) -> None:
     table.add_column("")
     table.add_column("need", justify="right")
     table.add_column("headroom", justify="right")
-    table.add_column("after deploy", justify="right")
+    table.add_column("spare after deploy", justify="right")
     after = plan.after
     for label, need, room, left in (
         ("GPU", plan.needs.gpu_bytes, plan.headroom.gpu_bytes, after.gpu_bytes if after else None),
@@ -122,7 +122,9 @@ def render_plan(plan: Plan, console: Console, *, dry_run: bool = True) -> None:
         Text(
             f"  GPU need = weights {_gb(est.weights_bytes)} + KV cache {_gb(est.kv_cache_bytes)}"
             f" + activations {_gb(est.activation_bytes)} + runtime {_gb(est.runtime_bytes)}; "
-            "headroom is after the safety margins",
+            "headroom and spare are both after the safety margins (GPU "
+            f"{plan.policy.gpu_margin_gb:g} GB, RAM {plan.policy.ram_margin_gb:g} GB, disk "
+            f"{plan.policy.disk_margin_gb:g} GB kept free besides), so spare = headroom - need",
             style="dim",
         )
     )

@@ -197,7 +197,7 @@ class Plan(_Data):
     gpu_name: str | None
     needs: Resources
     headroom: Resources  # usable by the chosen placement (after margins)
-    after: Resources | None  # free GPU, available RAM, free disk once deployed
+    after: Resources | None  # spare beyond the margins once deployed (headroom - need)
     gb: dict[str, dict[str, float]]  # needs / headroom / after in GB, for reading
     estimate: EstimateDigest
     options: list[Option]
@@ -693,10 +693,12 @@ def _finish(
         )
     after = None
     if applies:
+        # What stays spare beyond the safety margins: the same footing as the headroom, so
+        # spare = headroom - need, and the margins stay free on top.
         after = Resources(
-            gpu_bytes=room.raw.gpu_bytes - need.gpu_bytes,
-            ram_bytes=room.raw.ram_bytes - need.ram_bytes,
-            disk_bytes=room.raw.disk_bytes - need.disk_bytes,
+            gpu_bytes=room.usable.gpu_bytes - need.gpu_bytes,
+            ram_bytes=room.usable.ram_bytes - need.ram_bytes,
+            disk_bytes=room.usable.disk_bytes - need.disk_bytes,
         )
     gpu = facts.gpu_by_index(room.gpu_index) if room.gpu_index is not None else None
     if applies:

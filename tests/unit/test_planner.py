@@ -359,3 +359,13 @@ def test_service_spec_for_apply() -> None:
         "memory_max": "32G",
         "cpu_quota": "800%",
     }
+
+
+def test_spare_after_deploy_is_headroom_less_need() -> None:
+    """The plan's memory table reads one way: both columns are after the safety margins."""
+    for name in ("qwen3-14b", "mistral_iac_generation", "demo-tiny"):
+        p = plan(name)
+        assert p.after is not None
+        for part in ("gpu_bytes", "ram_bytes", "disk_bytes"):
+            room, need = getattr(p.headroom, part), getattr(p.needs, part)
+            assert getattr(p.after, part) == room - need <= room
