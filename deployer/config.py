@@ -386,11 +386,35 @@ def load_settings(
             raise ConfigError(f"{shown}: not valid TOML: nested too deeply") from None
         _resolve_paths(data, file.resolve().parent, printable(file.name))
         source = str(file)
-    data = _merge(data, _env_overrides(environ))
+    from_env = _env_overrides(environ)
+    data = _merge(data, from_env)
     if overrides:
         data = _merge(data, {k: dict(v) for k, v in overrides.items() if v})
     _resolve_paths(data, Path.cwd(), "environment")
     try:
         return Settings.model_validate({**data, "source": source})
     except ValidationError as exc:
-        raise ConfigError(describe(exc, source=Path(source).name)) from None
+        raise ConfigError(_settings_error(exc, Path(source).name, from_env)) from None
+
+
+def _settings_error(err: ValidationError, source: str, from_env: Mapping[str, Any]) -> str:
+    """The first problem in ``err`` as one line that names where the value came from (the
+    environment variable when it overrode the file), with "did you mean" for a misspelt
+    key."""
+    item = err.errors(include_url=False)[0]
+    loc = [str(p) for p in item["loc"]]
+    where = source
+    if len(loc) >= 2 and isinstance(from_env.get(loc[0]), Mapping) and loc[1] in from_env[loc[0]]:
+        where = f"{ENV_PREFIX}{loc[0].upper()}__{loc[1].upper()}"
+    elif loc and loc[0] == "catalog" and "catalog" in from_env:
+        where = ENV_CATALOG
+    text = describe(err, source=where)
+    if item["type"] == "extra_forbidden" and loc:
+        section = Settings.model_fields.get(loc[0]) if len(loc) == 2 else None
+        model = section.annotation if section is not None else None
+        fields = getattr(model, "model_fields", {}) if len(loc) == 2 else Settings.model_fields
+        hint = did_you_mean(loc[-1], [f for f in fields if f != "source"])
+        if hint:
+            first, sep, rest = text.partition("; ")
+            text = first + hint + sep + rest
+    return text

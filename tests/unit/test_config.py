@@ -142,3 +142,28 @@ def test_operators_config_in_the_working_directory_is_found(
     (tmp_path / user_config_discovery).write_text(BROKEN_TOML)
     with pytest.raises(ConfigError, match=r"model-deployer\.toml: not valid TOML"):
         load_settings(environ={})
+
+
+def test_an_overrides_error_names_its_environment_variable(tmp_path: Path) -> None:
+    config = tmp_path / "md.toml"
+    config.write_text("[host]\nport = 22\n")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(config, environ={"MODEL_DEPLOYER_HOST__PORT": "abc"})
+    assert str(caught.value).startswith("MODEL_DEPLOYER_HOST__PORT: host.port: ")
+    config.write_text('[host]\nport = "abc"\n')  # the same mistake in the file names the file
+    with pytest.raises(ConfigError, match=r"^md\.toml: host\.port: "):
+        load_settings(config, environ={})
+
+
+def test_unknown_keys_suggest_the_nearest_one(tmp_path: Path) -> None:
+    config = tmp_path / "md.toml"
+    config.write_text('[host]\nadress = "x"\n')
+    with pytest.raises(
+        ConfigError, match=r"host\.adress: unknown key \(did you mean 'address'\?\)"
+    ):
+        load_settings(config, environ={})
+    config.write_text('[hots]\naddress = "x"\n')
+    with pytest.raises(ConfigError, match=r"hots: unknown key \(did you mean 'host'\?\)"):
+        load_settings(config, environ={})
+    with pytest.raises(ConfigError, match=r"^MODEL_DEPLOYER_REMOTE__PYTON: .*'python'"):
+        load_settings(None, environ={"MODEL_DEPLOYER_REMOTE__PYTON": "python3"})
