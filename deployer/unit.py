@@ -278,17 +278,21 @@ def render_unit(
     settings: Settings,
     *,
     model_name: str,
+    port: int = 8000,
     group: str | None = None,
     shutdown_timeout_s: int = DEFAULT_SHUTDOWN_TIMEOUT_S,
     template: str | None = None,
 ) -> str:
-    """The unit file text for ``settings`` (service user, paths, limits, restart delay)."""
+    """The unit file text for ``settings`` (service user, paths, limits, restart delay);
+    ``port`` is the only one the service may bind."""
     remote = settings.remote
     service = settings.service
     if remote.service_user == "root":  # config validation refuses it too; never render it
         raise ValueError("the service never runs as root")
     if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", model_name):
         raise ValueError(f"unsafe model name for a unit file: {model_name!r}")
+    if not 1 <= port <= 65535:
+        raise ValueError(f"port out of range: {port}")
     stem = remote.service_name.removesuffix(".service")
     paths = (remote.service_dir, remote.models_dir)
     values = {
@@ -305,6 +309,7 @@ def render_unit(
         "TIMEOUT_STOP_SEC": str(shutdown_timeout_s + 10),
         "MEMORY_MAX": service.memory_max,
         "CPU_QUOTA": service.cpu_quota,
+        "PORT": str(port),
         # A service or model directory under /home needs the tree visible (read-only).
         "PROTECT_HOME": "read-only" if _under_any(paths) else "yes",
     }
@@ -448,6 +453,7 @@ def unit_files(
             render_unit(
                 settings,
                 model_name=env.model_name,
+                port=env.port,
                 group=group,
                 shutdown_timeout_s=env.shutdown_timeout,
             ),

@@ -316,3 +316,11 @@ def test_systemd_accepts_the_unit(tmp_path: Path) -> None:
     if security.returncode != 0 and match is None:
         pytest.skip("this systemd-analyze cannot score unit files offline")
     assert match is not None and float(match.group(1)) <= 2.0, security.stdout
+
+
+def test_the_service_may_bind_its_own_port_only() -> None:
+    text = unit.render_unit(settings(), model_name="m", port=8001)
+    assert one(text, "SocketBindAllow") == "tcp:8001"
+    assert one(text, "SocketBindDeny") == "any"
+    with pytest.raises(ValueError, match="port"):
+        unit.render_unit(settings(), model_name="m", port=0)
