@@ -40,6 +40,7 @@ from .facts import DeploymentState, HostFacts
 from .host_steps import (
     Switch,
     ensure_dir,
+    ensure_service_user,
     journal_tail,
     lock_step,
     publish_step,
@@ -400,6 +401,7 @@ class Deployment:
         state and service dirs are root's; the pull runs as the SSH user, so it gets its own
         model's directory (the service only reads, 0755)."""
         remote, ex = self.settings.remote, self.executor
+        ensure_service_user(ex, remote.service_user)
         ensure_dir(ex, remote.state_dir, owner="root")
         ensure_dir(ex, remote.service_dir, owner="root")
         ensure_dir(ex, remote.models_dir, owner="root")

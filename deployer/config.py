@@ -177,7 +177,9 @@ class RemoteConfig(_Section):
     state_dir: str = "/var/lib/model-deployer"
     service_name: str = "asoba-inference.service"
     flux_service: str = "flux-api.service"
-    service_user: str = "ubuntu"
+    # The service's own system account (made by the deploy when missing), not the SSH login
+    # user: that one runs Flux, holds the operator's credentials and can sudo.
+    service_user: str = "asoba-inference"
     python: str = "python3"
 
     @field_validator("service_dir", "models_dir", "state_dir")

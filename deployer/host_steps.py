@@ -85,6 +85,20 @@ def ensure_dir(executor: Executor, path: str, *, owner: str, mode: str = "0755")
     return True
 
 
+def ensure_service_user(executor: Executor, user: str) -> bool:
+    """Make ``user`` a system account (own group, no home, no login shell) when the host has
+    no such user; an existing account is left as it is. Returns whether it made it."""
+    if executor.run(["id", "-u", "--", user], check=False).ok:
+        return False
+    executor.run(
+        ["useradd", "--system", "--user-group", "--no-create-home",
+         "--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin", "--", user],
+        sudo=True,
+        what=f"create the service user {user}",
+    )  # fmt: skip
+    return True
+
+
 def restore_file(executor: Executor, write: FileWrite, previous: str | None) -> None:
     if previous is None:
         executor.run(commands.remove(write.path), sudo=True)

@@ -51,6 +51,7 @@ class FakeHost:
     #: ``ready`` only when our unit serves this model; None: whatever its env file names.
     serving: str | None = None
     target: str = "ubuntu@fake-host:22"
+    users: set[str] = field(default_factory=lambda: {"root", "ubuntu"})
 
     def __post_init__(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -123,6 +124,11 @@ class FakeHost:
         command = " ".join(argv)
         if argv[0] == "systemctl":
             return self._systemctl(argv[1:])
+        if argv[0] == "id":
+            return CommandResult(command, 0 if argv[-1] in self.users else 1, "", "")
+        if argv[0] == "useradd":
+            self.users.add(argv[-1])
+            return CommandResult(command, 0, "", "")
         if argv[0] == "journalctl":
             return CommandResult(command, 0, self.journal + "\n", "")
         if argv[1:2] == ("-",) and "probe_host" in stdin:

@@ -32,6 +32,7 @@ from tests.integration.deploy_support import (
 from tests.sandbox import SandboxHost, wait_until
 
 pytestmark = pytest.mark.sandbox
+SERVICE_USER = "asoba-inference"  # remote.service_user's default: the service's own account
 
 
 def test_deploy_beside_flux_then_rerun_is_a_noop(host: SandboxHost) -> None:
@@ -43,15 +44,19 @@ def test_deploy_beside_flux_then_rerun_is_a_noop(host: SandboxHost) -> None:
 
     assert host.unit_property(FLUX, "ActiveState") == "active"
     assert host.unit_property(UNIT, "ActiveState") == "active"
-    assert host.unit_property(UNIT, "User") == "ubuntu"
+    # Its own system account, made by the deploy: not the SSH user that runs Flux.
+    assert host.unit_property(UNIT, "User") == SERVICE_USER
     pid = host.unit_property(UNIT, "MainPID")
-    assert host.ssh(f"ps -o user= -p {pid}").stdout.strip() == "ubuntu"
+    assert host.ssh(f"ps -o user:32= -p {pid}").stdout.strip() == SERVICE_USER
+    assert host.ssh(f"getent passwd {SERVICE_USER}").stdout.split(":")[6].strip() == (
+        "/usr/sbin/nologin"
+    )
     assert host.unit_property(UNIT, "MemoryMax") == str(32 * 1024**3)
     assert host.unit_property(UNIT, "CPUQuotaPerSecUSec") == "8s"
     assert host.unit_property(UNIT, "Restart") == "always"
     assert host.ssh("stat -c '%a %U' /opt/asoba-inference/service.env").stdout.split() == [
         "600",
-        "ubuntu",
+        SERVICE_USER,
     ]
 
     body = status(host, 8001)

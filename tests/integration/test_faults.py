@@ -265,7 +265,7 @@ def test_planted_secrets_never_leave_where_they_belong(host: SandboxHost) -> Non
     assert httpx.get(host.url(8001, "/status"), timeout=10).status_code == 200
 
     env_file = "/opt/asoba-inference/service.env"
-    owner = "ubuntu"  # remote.service_user's default, which the sandbox config keeps
+    owner = "asoba-inference"  # remote.service_user's default, which the sandbox config keeps
     assert host.sudo(f"stat -c '%a %U' {env_file}").stdout.split() == ["600", owner]
     # Every file on the host that holds the key is an env file readable by its owner only.
     # (The secret goes to grep on stdin: in its argv, sudo would log it to the journal.)
@@ -443,7 +443,7 @@ def test_the_installed_unit_is_hardened(host: SandboxHost) -> None:
     report = host.ssh(f"systemd-analyze security --no-pager {UNIT}", check=False).stdout
     score = float(report.rsplit("Overall exposure level for", 1)[1].split(":")[1].split()[0])
     assert score <= 2.0, report
-    assert host.unit_property(UNIT, "User") == "ubuntu"
+    assert host.unit_property(UNIT, "User") == "asoba-inference"  # not the SSH login user
     assert host.unit_property(UNIT, "NoNewPrivileges") == "yes"
     assert host.unit_property(UNIT, "LimitCORE") == "0"
     assert host.unit_property(UNIT, "MemoryMax") not in {"", "infinity"}

@@ -98,6 +98,11 @@ def test_a_deploy_runs_the_plans_steps_and_records_the_release(
     assert ran(events) == [s.name for s in deployment.plan.steps]
     assert host.units[OUR_UNIT].active and host.units[OUR_UNIT].enabled
     assert host.units[FLUX_UNIT].active  # beside Flux: untouched
+    # The service runs as its own system account, made by the deploy, and owns its env file.
+    assert "asoba-inference" in host.users
+    (useradd,) = [c.argv for c in host.calls if c.argv[0] == "useradd"]
+    assert "--system" in useradd and useradd[-1] == "asoba-inference"
+    assert "User=asoba-inference" in (host.read(UNIT_FILE) or "")
     assert "ASOBA_MODEL_NAME=demo-tiny" in (host.read(ENV_FILE) or "")
     record = json.loads(host.read(CURRENT) or "{}")
     assert record["model"] == "demo-tiny" and record["number"] == 1

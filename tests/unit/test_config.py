@@ -22,7 +22,7 @@ def test_defaults_match_the_deployment_doc() -> None:
     assert s.remote.models_dir == "/opt/models"
     assert s.remote.service_name == "asoba-inference.service"
     assert s.remote.flux_service == "flux-api.service"
-    assert s.remote.service_user == "ubuntu"
+    assert s.remote.service_user == "asoba-inference"  # its own account, not the SSH user
     assert (s.service.memory_max, s.service.cpu_quota, s.service.restart_sec) == ("32G", "800%", 10)
     assert (s.policy.coexist_max_gb, s.policy.quantize_above_gb) == (3.0, 20.0)
     assert (s.policy.coexist_port, s.policy.replace_port) == (8001, 8000)

@@ -101,7 +101,8 @@ def test_unit_carries_the_config() -> None:
 
 def test_defaults_match_the_reference_service() -> None:
     text = unit.render_unit(Settings(), model_name="demo")
-    assert one(text, "User") == "ubuntu"
+    # The reference ran as the SSH login user; ours has its own system account by default.
+    assert one(text, "User") == one(text, "Group") == "asoba-inference"
     assert one(text, "WorkingDirectory") == "/opt/asoba-inference"
     assert one(text, "RestartSec") == "10"
     assert one(text, "MemoryMax") == "32G"
