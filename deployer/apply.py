@@ -37,10 +37,9 @@ from .catalog import Catalog, ModelSpec
 from .config import Settings
 from .errors import DeployError, DeployFailed, PlanOutdated, PlanRefused
 from .facts import DeploymentState, HostFacts
+from .host_setup import ensure_dir, ensure_service_user
 from .host_steps import (
     Switch,
-    ensure_dir,
-    ensure_service_user,
     journal_tail,
     lock_step,
     publish_step,
@@ -198,9 +197,16 @@ class Deployment:
             self.settings.s3.bucket or self.catalog.bucket, self.weights_spec.s3_prefix
         )
         steps = self.steps()
+        # The record (the plan's last step) comes after the service is up and published: a
+        # failure there must not undo a healthy deploy, so it is run past the walk back.
+        record = steps.pop() if steps and steps[-1].name == "audit" else None
         run = self.run_state
         try:
             run_steps(steps, self.report.step)
+            if record is not None:
+                self.report.step("start", record.name)
+                record.apply()
+                self.report.step("done", record.name)
         except StepFailure as failure:
             error = self._failed(failure) if run.switching else failure.error
             if self.lock.held:

@@ -52,6 +52,7 @@ class HostSnapshot:
     flux_active: bool
     deployed: DeploymentState | None = None
     flux_enabled: bool | None = None
+    service_enabled: bool | None = None
 
     def file(self, path: str) -> str | None:
         return self.files.get(path)
@@ -72,31 +73,8 @@ def snapshot(
         flux_active=facts.flux.active,
         deployed=facts.deployed,
         flux_enabled=flux_parking.is_enabled(executor, settings.remote.flux_service),
+        service_enabled=flux_parking.is_enabled(executor, settings.remote.service_name),
     )
-
-
-def ensure_dir(executor: Executor, path: str, *, owner: str, mode: str = "0755") -> bool:
-    """Make ``path`` (owned by ``owner``) when it is missing; an existing directory is left as
-    it is: its owner and mode are the operator's, not this tool's. Returns whether it made
-    it."""
-    if executor.run(commands.test_path("-d", path), check=False).ok:
-        return False
-    executor.run(commands.make_dir(path, owner=owner, mode=mode), sudo=True)
-    return True
-
-
-def ensure_service_user(executor: Executor, user: str) -> bool:
-    """Make ``user`` a system account (own group, no home, no login shell) when the host has
-    no such user; an existing account is left as it is. Returns whether it made it."""
-    if executor.run(["id", "-u", "--", user], check=False).ok:
-        return False
-    executor.run(
-        ["useradd", "--system", "--user-group", "--no-create-home",
-         "--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin", "--", user],
-        sudo=True,
-        what=f"create the service user {user}",
-    )  # fmt: skip
-    return True
 
 
 def restore_file(executor: Executor, write: FileWrite, previous: str | None) -> None:
@@ -202,11 +180,16 @@ def lock_step(lock: HostLock, *, wait_s: float = 0.0, force: bool = False) -> St
 
 
 def render_unit_step(
-    switch: Switch, writes: Callable[[], list[FileWrite]], venv: Callable[[], str]
+    switch: Switch,
+    writes: Callable[[], list[FileWrite]],
+    venv: Callable[[], str],
+    *,
+    restart_previous: bool = False,
 ) -> Step:
     """Write the service's env file and unit, point the venv link, reload systemd. Undo
     writes back what the snapshot held, and once ``start`` has stopped the previous service,
-    starts it again and waits for it."""
+    starts it again and waits for it. ``restart_previous``: undo always restarts the unit
+    (a rollback puts back what was there, crashed or not) and does not wait."""
     ex, settings = switch.executor, switch.settings
 
     def install() -> None:
@@ -230,7 +213,9 @@ def render_unit_step(
             for argv in switch_venv_argv(settings, before.venv):
                 ex.run(argv, sudo=True)
         ex.run(commands.daemon_reload(), sudo=True)
-        if before.service_active and switch.started:
+        if restart_previous:
+            ex.run(commands.restart(switch.unit), sudo=True, check=False)
+        elif before.service_active and switch.started:
             ex.run(commands.reset_failed(switch.unit), sudo=True, check=False)
             ex.run(commands.restart(switch.unit), sudo=True)
             switch.talk.info(f"previous {switch.unit} restarted")
@@ -269,20 +254,27 @@ def start_flux_step(switch: Switch, *, was_enabled: bool | None) -> Step:
     )
 
 
-def start_step(switch: Switch) -> Step:
-    """(Re)start our unit, enabled. Undo stops it, and disables it when it was not running
-    before (the render-unit undo then brings the previous one back)."""
+def start_step(switch: Switch, *, enable: bool = True) -> Step:
+    """(Re)start our unit (and enable it, unless ``enable`` is False). Undo stops it, and
+    disables it when it was not enabled before (the render-unit undo then brings the previous
+    one back). A start that fails part-way undoes itself."""
     ex, unit = switch.executor, switch.unit
 
     def start() -> None:
         switch.started = True
-        ex.run(commands.reset_failed(unit), sudo=True, check=False)
-        ex.run(commands.enable(unit), sudo=True)
-        ex.run(commands.restart(unit), sudo=True)
+        try:
+            ex.run(commands.reset_failed(unit), sudo=True, check=False)
+            if enable:
+                ex.run(commands.enable(unit), sudo=True)
+            ex.run(commands.restart(unit), sudo=True)
+        except BaseException:
+            stop_new()
+            raise
 
     def stop_new() -> None:
         ex.run(commands.stop(unit), sudo=True, check=False)
-        if not switch.was.service_active:
+        before = switch.was
+        if enable and not (before.service_enabled or before.service_active):
             ex.run(commands.disable(unit), sudo=True, check=False)
 
     return Step("start", f"start {unit}", start, stop_new)

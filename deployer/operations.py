@@ -15,6 +15,7 @@ from . import audit, commands
 from .config import Settings
 from .errors import DeployError, HealthCheckTimeout
 from .facts import HostFacts
+from .host_setup import ensure_service_user
 from .host_steps import (
     Switch,
     lock_step,
@@ -294,6 +295,7 @@ def rollback(
             running = f"{current.model} (release #{current.number})" if current else "the service"
             confirm([f"replaces {running} with release #{target.number} ({target.model})"])
         env_text = executor.run(["cat", "--", target.env_file], sudo=True).stdout
+        ensure_service_user(executor, remote.service_user)
         facts: HostFacts = inspect_host(executor, remote)
         writes = [
             FileWrite(env_file_path(settings), env_text, "0600", remote.service_user),
@@ -304,10 +306,10 @@ def rollback(
         venv = target.venv
         now_enabled = switch.before.flux_enabled
         wants_flux_parked = target.state.flux_stopped
-        steps = [render_unit_step(switch, lambda: writes, lambda: venv)]
+        steps = [render_unit_step(switch, lambda: writes, lambda: venv, restart_previous=True)]
         if wants_flux_parked and (facts.flux.active or now_enabled):
             steps.append(stop_flux_step(switch, was_enabled=lambda: now_enabled))
-        steps.append(start_step(switch))
+        steps.append(start_step(switch, enable=False))
         steps.append(
             wait_healthy_step(
                 switch,
@@ -323,9 +325,14 @@ def rollback(
         try:
             run_steps(steps)
         except StepFailure as failure:
+            restored = f"release #{current.number if current else '?'} restored"
+            if failure.undo_errors:
+                restored = "ROLLBACK INCOMPLETE: " + "; ".join(
+                    f"{step}: {error}" for step, error in failure.undo_errors
+                )
             raise DeployError(
                 f"rollback to #{target.number} failed at {failure.step}: {failure.error}; "
-                f"release #{current.number if current else '?'} restored"
+                + restored
             ) from None
         releases.set_current(target)
         audit.append(

@@ -892,6 +892,9 @@ def _steps(
             params={"unit": service.unit, "port": port},
         )
     )
+    if bootstrap is not None and bootstrap.step == "before-start":
+        # Before Flux is stopped: a hook that fails leaves Flux running.
+        steps.append(_bootstrap_step(bootstrap.script, bootstrap.step))
     if stop_flux:
         steps.append(
             PlanStep(
@@ -901,8 +904,6 @@ def _steps(
                 params={"unit": facts.flux.name},
             )
         )
-    if bootstrap is not None and bootstrap.step == "before-start":
-        steps.append(_bootstrap_step(bootstrap.script, bootstrap.step))
     replacing = ""
     if facts.inference.active:
         old = facts.deployed.model if facts.deployed else "the running model"

@@ -82,7 +82,8 @@ class Release:
     def from_json(cls, text: str) -> Release:
         data: dict[str, Any] = json.loads(text)
         if isinstance(data.get("extra"), dict):  # the schema before DeploymentState moved in
-            data = {**data, **data.pop("extra")}
+            extra = data.pop("extra")
+            data = {**data, **extra}
             data.setdefault("service", data.get("service_name"))
         record = {key: data.pop(key) for key in _RECORD_KEYS if key in data}
         data.pop("service_name", None)
@@ -155,7 +156,7 @@ class Releases:
         text = saved.to_json()
         write_file(self.executor, FileWrite(f"{self.dir}/{number}.json", text, mode="0600"))
         self.set_current(saved)
-        self.prune(keep)
+        self.prune(keep, check=False)  # the release is recorded; a leftover old one is harmless
         return saved
 
     def set_current(self, release: Release) -> None:
@@ -168,7 +169,7 @@ class Releases:
         """Nothing of ours runs any more (undeploy); the kept releases stay."""
         self.executor.run(commands.remove(current_path(self.state_dir)), sudo=self.sudo)
 
-    def prune(self, keep: int) -> list[int]:
+    def prune(self, keep: int, *, check: bool = True) -> list[int]:
         """Remove all but the newest ``keep`` releases (never the current one)."""
         now = self.current()
         numbers = self.numbers()
@@ -176,7 +177,7 @@ class Releases:
         doomed = [n for n in doomed if now is None or n != now.number]
         if doomed:
             paths = [f"{self.dir}/{n}.{ext}" for n in doomed for ext in ("json", "env")]
-            self.executor.run(commands.remove(*paths), sudo=self.sudo)
+            self.executor.run(commands.remove(*paths), sudo=self.sudo, check=check)
         return doomed
 
     def model_paths_in_use(self) -> set[str]:

@@ -26,6 +26,7 @@ from pathlib import Path
 from . import commands
 from .config import Settings
 from .errors import DeployError
+from .host_setup import ensure_dir
 from .ssh import Executor
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -135,8 +136,8 @@ def install_venv(
     if venv_ready(executor, settings, ident):
         return target
     python = settings.remote.python
-    executor.run(commands.make_dir(settings.remote.service_dir, owner="root"), sudo=True)
-    executor.run(commands.make_dir(venvs_dir(settings), owner="root"), sudo=True)
+    ensure_dir(executor, settings.remote.service_dir, owner="root")
+    ensure_dir(executor, venvs_dir(settings), owner="root")
     executor.run(commands.remove_tree(target), sudo=True, what="remove a partial venv")
     remote_wheel = f"{venvs_dir(settings)}/{wheel.name}"
     _upload(executor, python, wheel.read_bytes(), remote_wheel, "upload the service wheel")

@@ -12,7 +12,13 @@ import pytest
 from deployer.apply import Deployment, SilentReporter
 from deployer.catalog import Bootstrap, Catalog, load_catalog
 from deployer.config import Settings
-from deployer.errors import DeployFailed, LockHeld, ModelSourceError, PlanOutdated
+from deployer.errors import (
+    DeployFailed,
+    LockHeld,
+    ModelSourceError,
+    PlanOutdated,
+    RemoteCommandFailed,
+)
 from deployer.lock import HostLock, LockInfo
 from deployer.make_plan import make_plan
 from deployer.planner import Plan
@@ -262,3 +268,15 @@ def test_existing_directories_are_not_re_owned(host: FakeHost, tmp_path: Path) -
     }
     assert owners["/opt/models/demo-tiny"] == SETTINGS.host.user  # the pull writes there
     assert owners["/opt/asoba-inference"] == "root"
+
+
+def test_a_failed_record_keeps_the_healthy_deploy(host: FakeHost, tmp_path: Path) -> None:
+    """The record is written once the service is up: failing there raises as itself and
+    undoes nothing (the new service keeps serving)."""
+    deployment, events = deploy(host, tmp_path)
+    host.fail_on(lambda call: call.argv[:2] == ("cp", "-a"))  # saving the env file's copy
+    with pytest.raises(RemoteCommandFailed):
+        deployment.run()
+    assert not any(event == "undo" for event, _ in events.steps)
+    assert host.units[OUR_UNIT].active and host.read(UNIT_FILE) is not None
+    assert not host.path("/var/lib/model-deployer/lock").exists()

@@ -91,3 +91,44 @@ def test_status_reports_the_running_release(host: FakeHost, tmp_path: Path) -> N
     status = service_status(host, SETTINGS)
     assert (status.model, status.port, status.health) == ("demo-tiny", 8001, "ok")
     assert status.code_id == "c0de" and status.state == "active/running"
+
+
+def test_a_failed_rollback_of_a_crashed_service_leaves_it_enabled_and_restarted(
+    host: FakeHost, tmp_path: Path
+) -> None:
+    two_releases(host, tmp_path)
+    host.units[OUR_UNIT].active = False  # the current release crashed
+    host.calls.clear()
+    host.fail_on(FakeHost.is_health_wait.__get__(host))
+    with pytest.raises(DeployError, match="failed at wait-healthy"):
+        rollback(host, SETTINGS)
+    assert host.units[OUR_UNIT].enabled  # a reboot still brings it up
+    restarts = [c for c in host.changes() if c[1] == "restart"]
+    assert len(restarts) == 2  # the rollback's start, then the current release's again
+
+
+def test_rolling_back_to_a_release_recorded_by_the_old_schema(
+    host: FakeHost, tmp_path: Path
+) -> None:
+    two_releases(host, tmp_path)
+    old = json.loads(host.read("/var/lib/model-deployer/releases/1.json") or "{}")
+    state_keys = ("schema", "model", "revision", "port", "quantization", "flux_stopped")
+    legacy = {
+        "model": old["model"],
+        "revision": old["revision"],
+        "model_path": old["model_path"],
+        "port": old["port"],
+        "quantization": old["quantization"],
+        "service_name": old["service"],
+        "unit_text": old["unit_text"],
+        "number": 1,
+        "time": old["time"],
+        "operator": "",
+        "env_file": old["env_file"],
+        "extra": {**{k: old[k] for k in state_keys}, "venv": old["venv"]},
+    }
+    host.path("/var/lib/model-deployer/releases/1.json").write_text(json.dumps(legacy))
+    target = rollback(host, SETTINGS)
+    assert target.venv == old["venv"] and target.service_name == "asoba-inference.service"
+    record = json.loads(host.read(CURRENT) or "{}")
+    assert "extra" not in record and record["number"] == 1 and record["venv"] == old["venv"]
