@@ -42,11 +42,13 @@ def hermetic_env(monkeypatch: pytest.MonkeyPatch, _empty_home: Path, _no_config_
         if name.startswith(_LEAKY_ENV_PREFIXES):
             monkeypatch.delenv(name)
     monkeypatch.setenv("HOME", str(_empty_home))
+    # Discovery's one input that is not an argument or the environment: the cwd's file.
     monkeypatch.setattr(config, "DEFAULT_FILE", _no_config_file)
 
 
 @pytest.fixture
 def user_config_discovery(monkeypatch: pytest.MonkeyPatch) -> Path:
     """Discovery as operators have it (``./model-deployer.toml``), for the tests of it."""
+    # Undo hermetic_env's patch above for this test only.
     monkeypatch.setattr(config, "DEFAULT_FILE", USER_DEFAULT_FILE)
     return USER_DEFAULT_FILE
