@@ -49,6 +49,9 @@ from bench_common import REPO, free_port, load_demo_builder, print_table
 from bench_server import PROMPT, Baseline
 
 MODEL = "bench"
+#: Compute threads per server. One by default: on a small shared host, several OpenMP threads
+#: per process spin against each other and against the neighbours, and timings scatter by 10x.
+THREADS = 1
 
 
 @dataclass
@@ -84,6 +87,7 @@ def _wait_ready(proc: subprocess.Popen[bytes], base: str, path: str, limit: floa
 def start_ours(name: str, checkout: Path, model_dir: Path, env_extra: dict[str, str]) -> Server:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("ASOBA_")}
+    env["OMP_NUM_THREADS"] = str(THREADS)
     env.update(
         ASOBA_MODEL_DIR=str(model_dir),
         ASOBA_MODEL_NAME=MODEL,
@@ -110,6 +114,7 @@ def start_ours(name: str, checkout: Path, model_dir: Path, env_extra: dict[str, 
 def start_vllm(python: str, model_dir: Path) -> Server:
     port = free_port()
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
+    env["VLLM_CPU_OMP_THREADS_BIND"] = "0" if THREADS == 1 else f"0-{THREADS - 1}"
     proc = subprocess.Popen(
         [
             python,
@@ -203,6 +208,7 @@ async def stall(base: str, streams: int, long_prompt: str) -> Stall:
         arrived = time.perf_counter()
         _, ttft = await stream(client, long_prompt, 4)
         joined = arrived + ttft
+        await asyncio.sleep(0.5)  # the running streams' events of the window are all read
         for task in running:
             task.cancel()
         await asyncio.gather(*running, return_exceptions=True)
@@ -236,6 +242,7 @@ def spread(values: list[float], fmt: str = "{:.2f}") -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global THREADS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", type=Path, help="checkpoint (default: build demo-tiny)")
     parser.add_argument("--before", type=Path, help="a checkout whose server is 'before'")
@@ -246,11 +253,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--single-tokens", type=int, default=128)
     parser.add_argument("--stall-streams", type=int, default=8)
     parser.add_argument("--stall-prompt", type=int, default=1500, help="tokens of the joiner")
-    parser.add_argument("--chunk", type=int, help="ASOBA_PREFILL_CHUNK for 'after'")
+    parser.add_argument(
+        "--chunks",
+        default="",
+        help="comma list of ASOBA_PREFILL_CHUNK values: one 'after' server each (default: 1)",
+    )
     parser.add_argument("--runs", type=int, default=3, help="rounds over all servers")
     parser.add_argument("--skip", default="", help="comma list of: scaling,single,stall")
+    parser.add_argument("--threads", type=int, default=THREADS, help="compute threads per server")
     parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args(argv)
+    THREADS = args.threads
     skip = set(filter(None, args.skip.split(",")))
 
     tmp = None
@@ -265,8 +278,12 @@ def main(argv: list[str] | None = None) -> int:
         print("starting servers ...", file=sys.stderr)
         if args.before:
             servers.append(start_ours("before", args.before.resolve(), model_dir, {}))
-        extra = {"ASOBA_PREFILL_CHUNK": str(args.chunk)} if args.chunk else {}
-        servers.append(start_ours("after", REPO, model_dir, extra))
+        chunks = [c for c in args.chunks.split(",") if c]
+        if not chunks:
+            servers.append(start_ours("after", REPO, model_dir, {}))
+        for c in chunks:
+            env = {"ASOBA_PREFILL_CHUNK": c}
+            servers.append(start_ours(f"after (chunk {c})", REPO, model_dir, env))
         if args.vllm_python:
             servers.append(start_vllm(args.vllm_python, model_dir))
         for s in servers:  # warm every path once
@@ -322,6 +339,9 @@ def run_all(
                 )
     ours = [s for s in servers if s.name != "vllm"]
     if "single" not in skip:
+        import torch
+
+        torch.set_num_threads(THREADS)  # the in-process baseline, like the servers
         baseline = Baseline(model_dir, args.single_tokens)
         gen: list[float] = []
         single: dict[str, list[float]] = {s.name: [] for s in ours}

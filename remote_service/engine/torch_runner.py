@@ -204,7 +204,10 @@ class TorchBatchRunner:
         contiguous = [r.slot for r, _, _ in batch] == list(range(first, last + 1))
         read = slice(first, last + 1) if contiguous else slots_d  # a view when it can be
         self.cache.bind(slots_d, pos_d, read=read, length=length)
-        logits = self._forward(ids_d, pos_d, length)
+        # Whole prompts from their start, unpadded: plain causal attention, which SDPA runs
+        # without a mask (and skips the upper triangle).
+        fresh = all(start == 0 and n == width for _, start, n in batch)
+        logits = self._forward(ids_d, pos_d, length, causal=fresh)
 
         for row, _, n in batch:
             row.length += n
@@ -235,15 +238,25 @@ class TorchBatchRunner:
             r.length += 1
         return tokens
 
-    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, length: int) -> torch.Tensor:
-        """Logits of each row's last input token; the cache must be bound already."""
-        cols = self._ids[:length]
-        # [batch, 1, time, length]: a query at position p sees columns 0..p of its own row.
-        allowed = cols[None, None, None, :] <= positions[:, None, :, None]
-        masks = {"full_attention": self._attention_mask(allowed)}
-        if self._window is not None:
-            near = cols[None, None, None, :] > positions[:, None, :, None] - self._window
-            masks["sliding_attention"] = self._attention_mask(allowed & near)
+    def _forward(
+        self, ids: torch.Tensor, positions: torch.Tensor, length: int, *, causal: bool = False
+    ) -> torch.Tensor:
+        """Logits of each row's last input token; the cache must be bound already.
+
+        ``causal``: every row holds positions ``0..length-1``, so the plain causal mask of the
+        attention implementation is exact (eager attention has none: it always gets a mask).
+        """
+        masks: dict[str, torch.Tensor | None]
+        if causal and not self._eager and (self._window is None or length <= self._window):
+            masks = {"full_attention": None, "sliding_attention": None}
+        else:
+            cols = self._ids[:length]
+            # [batch, 1, time, length]: a query at position p sees columns 0..p of its own row.
+            allowed = cols[None, None, None, :] <= positions[:, None, :, None]
+            masks = {"full_attention": self._attention_mask(allowed)}
+            if self._window is not None:
+                near = cols[None, None, None, :] > positions[:, None, :, None] - self._window
+                masks["sliding_attention"] = self._attention_mask(allowed & near)
         out = self._model(
             input_ids=ids,
             attention_mask=masks,
