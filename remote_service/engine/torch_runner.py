@@ -21,7 +21,7 @@ sampled ids, once. A sequence that leaves hands its slot to the last sequence of
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -337,8 +337,3 @@ class TorchBatchRunner:
             t[dst] = t[row.slot]
         self._rows[dst] = row
         row.slot = dst
-
-
-def rows_of(runner: TorchBatchRunner) -> Iterable[Sequence]:
-    """The sequences in ``runner``'s slots, in slot order (for tests and diagnostics)."""
-    return [r.seq for r in runner._rows]
