@@ -61,6 +61,9 @@ class Settings(BaseModel):
     max_new_tokens: int = Field(2048, ge=1, description="Cap on max_tokens of a request")
     default_max_tokens: int = Field(512, ge=1, description="max_tokens when a request omits it")
     max_model_len: int | None = Field(None, ge=16, description="Context cap (default: model's)")
+    prefill_chunk: int = Field(
+        512, ge=16, le=65_536, description="Prompt tokens prefilled per step, between decode steps"
+    )
     max_prompt_chars: int = Field(1_000_000, ge=1, description="Reject longer prompts early")
     max_request_bytes: int = Field(
         4 * 1024 * 1024, ge=1024, le=1024**3, description="Request body cap (413 beyond)"

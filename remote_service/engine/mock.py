@@ -52,15 +52,22 @@ class EchoRunner:
     def __init__(self, delay: float) -> None:
         self._delay = delay
         self._rows: list[Sequence] = []
+        self._joining: list[Sequence] = []
 
     def _next(self, seq: Sequence) -> int:
         prompt = list(seq.request.prompt_ids)
         return prompt[len(seq.generated) % len(prompt)] if prompt else MOCK_EOS
 
-    def prefill(self, seqs: list[Sequence]) -> list[int]:
-        time.sleep(self._delay)
-        self._rows.extend(seqs)
-        return [self._next(s) for s in seqs]
+    def add(self, seqs: list[Sequence]) -> None:
+        self._joining.extend(seqs)
+
+    def step(self) -> list[tuple[Sequence, int]]:
+        """The joining prompts "prefill" in this step and give their first word; the others
+        decode one word each."""
+        joined, self._joining = self._joining, []
+        pairs = self.decode()
+        self._rows.extend(joined)
+        return [(s, self._next(s)) for s in joined] + pairs
 
     def decode(self) -> list[tuple[Sequence, int]]:
         time.sleep(self._delay)
@@ -69,9 +76,10 @@ class EchoRunner:
     def release(self, seqs: Collection[Sequence]) -> None:
         gone = {id(s) for s in seqs}
         self._rows = [s for s in self._rows if id(s) not in gone]
+        self._joining = [s for s in self._joining if id(s) not in gone]
 
     def reset(self) -> None:
-        self._rows = []
+        self._rows, self._joining = [], []
 
 
 class MockEngine(BatchedEngine):

@@ -5,8 +5,9 @@ at once when it is full) and returns a :class:`DeltaStream`. The worker thread l
 
 1. drop sequences whose client went away, running or still waiting (their slot or queue place
    frees at once);
-2. admit waiting requests into free slots (up to ``max_num_seqs``) and prefill them together;
-3. run one decode step for every running sequence as one batch;
+2. admit waiting requests into free slots (up to ``max_num_seqs``);
+3. run one runner step: a chunk of the admitted prompts' prefill, and one decode step for every
+   generating sequence as one batch (a long prompt is spread over steps, never stalling them);
 4. turn each new token into text (stop sequences, EOS, length) and hand it to the event loop
    with ``call_soon_threadsafe``.
 
@@ -71,12 +72,14 @@ class Sequence:
 class BatchRunner(Protocol):
     """Model side of the batch. Called from the worker thread only."""
 
-    def prefill(self, seqs: list[Sequence]) -> list[int]:
-        """Add ``seqs`` to the running batch; return each one's first sampled token."""
+    def add(self, seqs: list[Sequence]) -> None:
+        """Give ``seqs`` a place in the batch; their prompts are prefilled by later steps."""
         ...
 
-    def decode(self) -> list[tuple[Sequence, int]]:
-        """One step for every sequence in the batch: (sequence, next token) pairs."""
+    def step(self) -> list[tuple[Sequence, int]]:
+        """One scheduling step: a slice of pending prefill work and one decode step for every
+        generating sequence. Returns (sequence, next token) pairs: each generating sequence's
+        next token, and the first token of each sequence whose prefill completed."""
         ...
 
     def release(self, seqs: Collection[Sequence]) -> None:
@@ -145,7 +148,6 @@ class BatchScheduler:
         max_num_seqs: int,
         max_queue: int,
         max_model_len: int,
-        max_prefill_tokens: int = 8192,
         observer: EngineObserver | None = None,
         name: str = "engine",
     ) -> None:
@@ -155,7 +157,6 @@ class BatchScheduler:
         self._max_num_seqs = max_num_seqs
         self._max_queue = max_queue
         self._max_model_len = max_model_len
-        self._max_prefill_tokens = max_prefill_tokens
         self._observer = observer
         self._cond = threading.Condition()
         self._waiting: collections.deque[Sequence] = collections.deque()
@@ -281,27 +282,27 @@ class BatchScheduler:
             now = time.perf_counter()
             for seq in admitted:
                 seq.admitted = now
-            first = self._runner.prefill(admitted)
-            self._emit([(s, t) for s, t in zip(admitted, first, strict=True) if not s.cancelled])
+            self._runner.add(admitted)
         if self._running:
-            self._emit(self._runner.decode())
+            self._emit(self._runner.step())
 
     def _admit(self) -> list[Sequence]:
         admitted: list[Sequence] = []
         left: list[Sequence] = []  # clients that went away since _drop_cancelled looked
-        budget = self._max_prefill_tokens
+        too_long: list[Sequence] = []  # no room for a single new token
         with self._cond:
             while self._waiting and len(self._running) + len(admitted) < self._max_num_seqs:
-                seq = self._waiting[0]
+                seq = self._waiting.popleft()
                 if seq.cancelled:
-                    left.append(self._waiting.popleft())
-                    continue
-                if admitted and seq.prompt_len > budget:
-                    break
-                budget -= seq.prompt_len
-                admitted.append(self._waiting.popleft())
+                    left.append(seq)
+                elif seq.prompt_len >= self._max_model_len:
+                    too_long.append(seq)
+                else:
+                    admitted.append(seq)
         for seq in left:
             self._finish(seq, "abort")
+        for seq in too_long:
+            self._finish(seq, "length")
         return admitted
 
     def _drop_cancelled(self) -> None:

@@ -63,7 +63,26 @@ class TransformersEngine(BatchedEngine):
         if tokenizer.eos_token_id is not None:
             eos.add(int(tokenizer.eos_token_id))
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos, default=0)
-        runner = TorchBatchRunner(model, pad_id=int(pad), vocab_size=len(tokenizer))
+        try:
+            runner = TorchBatchRunner(
+                model,
+                pad_id=int(pad),
+                vocab_size=len(tokenizer),
+                max_num_seqs=self.settings.max_num_seqs,
+                max_model_len=max_model_len,
+                prefill_chunk=self.settings.prefill_chunk,
+            )
+        except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError is a RuntimeError
+            raise EngineLoadError(
+                f"cannot allocate the KV cache for ASOBA_MAX_NUM_SEQS={self.settings.max_num_seqs}"
+                f" x ASOBA_MAX_MODEL_LEN={max_model_len}: {exc}; lower either setting"
+            ) from exc
+        log.info(
+            "KV cache: %d slots x %d tokens, %.1f MiB",
+            self.settings.max_num_seqs,
+            max_model_len,
+            runner.cache.nbytes / 2**20,
+        )
         info = EngineInfo(
             backend="transformers",
             model_name=self.settings.served_model_name,
@@ -72,7 +91,7 @@ class TransformersEngine(BatchedEngine):
             quantization=plan.quantization,
             max_model_len=max_model_len,
             max_num_seqs=self.settings.max_num_seqs,
-            vocab_size=min(len(tokenizer), int(model.get_input_embeddings().weight.shape[0])),
+            vocab_size=min(len(tokenizer), runner.embedding_rows),
             versions={"torch": torch.__version__, "transformers": transformers.__version__},
         )
         return Loaded(runner=runner, eos_ids=eos, info=info, defaults=_defaults(gen))

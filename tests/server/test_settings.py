@@ -38,6 +38,7 @@ def test_every_field_is_read_from_its_variable(tmp_path: Path) -> None:
         "ASOBA_MAX_NEW_TOKENS": "1024",
         "ASOBA_DEFAULT_MAX_TOKENS": "256",
         "ASOBA_MAX_MODEL_LEN": "8192",
+        "ASOBA_PREFILL_CHUNK": "256",
         "ASOBA_MAX_PROMPT_CHARS": "100000",
         "ASOBA_API_KEY": "sekret",
         "ASOBA_REASONING": "split",
@@ -58,6 +59,7 @@ def test_every_field_is_read_from_its_variable(tmp_path: Path) -> None:
     assert s.quantization == "bnb-4bit"
     assert s.port == 8001
     assert s.max_model_len == 8192
+    assert s.prefill_chunk == 256
     assert s.api_key is not None and s.api_key.get_secret_value() == "sekret"
     assert s.warmup is False
     assert (s.max_request_bytes, s.request_timeout, s.max_connections) == (2097152, 12.5, 256)
