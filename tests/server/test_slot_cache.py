@@ -244,7 +244,8 @@ def test_the_cache_is_what_the_estimator_plans(demo_model_dir: Path) -> None:
     from deployer.catalog import load_catalog
     from deployer.config import PolicyConfig
     from deployer.estimate import estimate
-    from deployer.model_meta import meta_from_tensors, parse_header
+    from deployer.model_meta import parse_header
+    from tests.model_metadata import meta_from_tensors
 
     shards = []
     for path in sorted(demo_model_dir.glob("*.safetensors")):
