@@ -39,6 +39,7 @@ from .errors import DeployError, DeployFailed, PlanOutdated, PlanRefused
 from .facts import DeploymentState, HostFacts
 from .host_setup import ensure_dir, ensure_service_user
 from .host_steps import (
+    Quiet,
     Switch,
     journal_tail,
     lock_step,
@@ -48,7 +49,6 @@ from .host_steps import (
     start_step,
     stop_flux_step,
     wait_healthy,
-    wait_healthy_step,
 )
 from .lock import HostLock
 from .planner import Plan, PlanStep
@@ -86,16 +86,12 @@ class Reporter(Protocol):
     def health(self, event: dict[str, Any]) -> None: ...
 
 
-class SilentReporter:
+class SilentReporter(Quiet):
     def step(self, event: str, name: str) -> None: ...
-
-    def info(self, message: str) -> None: ...
 
     def warn(self, message: str) -> None: ...
 
     def pull(self, event: PullEvent) -> None: ...
-
-    def health(self, event: dict[str, Any]) -> None: ...
 
 
 @dataclass
@@ -339,15 +335,15 @@ class Deployment:
         timeout = float(step.params.get("timeout_s") or self.settings.service.health_timeout_s)
 
         def wait() -> None:
-            quick = self._nothing_to_switch()
-            made = wait_healthy_step(
-                self.switch,
+            status = wait_healthy(
+                self.executor,
+                self.settings,
                 port=port,
                 model=model,
-                timeout_s=QUICK_HEALTH_S if quick else timeout,
-                into=self.run_state.status,
+                timeout_s=QUICK_HEALTH_S if self._nothing_to_switch() else timeout,
+                on_event=self.report.health,
             )
-            made.apply()
+            self.run_state.status.update(status)
 
         return Step(step.name, step.description, wait)
 

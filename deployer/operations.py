@@ -18,7 +18,6 @@ from .facts import HostFacts
 from .host_setup import ensure_service_user
 from .host_steps import (
     Switch,
-    lock_step,
     render_unit_step,
     snapshot,
     start_flux_step,
@@ -32,7 +31,7 @@ from .operator_input import within
 from .probe import inspect_host
 from .releases import Release, Releases
 from .ssh import Executor
-from .steps import Step, StepFailure, run_steps
+from .steps import StepFailure, run_steps
 from .unit import (
     DISCOVERY_ENVIRONMENT_D,
     DISCOVERY_PROFILE,
@@ -179,21 +178,19 @@ def undeploy(
 
     ``purge_models`` deletes the model directories the release records name, and only those:
     other models under ``models_dir`` are not this tool's to delete. ``confirm`` is shown what
-    will change before anything does (it raises to stop). Steps: lock, remove-service,
-    purge-models, start-flux, audit; none has an undo (removing is what was asked for, and
-    each is safe to run again)."""
+    will change before anything does (it raises to stop). Nothing here has an undo: removing
+    is what was asked for, and each command is safe to run again."""
     remote = settings.remote
     unit = remote.service_name
-    lock = HostLock(executor, remote.state_dir, command="undeploy")
-    switch = Switch(executor, settings)
     releases = Releases(executor, remote.state_dir)
+    lock = HostLock(executor, remote.state_dir, command="undeploy")
+    lock.acquire(wait_s=lock_wait_s)
     removed: list[str] = []
-
-    def check() -> None:
+    try:
         refuse_foreign_unit(executor, settings)
         running = releases.current()
-        flux.was_enabled = bool(running and running.state.flux_was_enabled)
-        models[:] = [
+        flux_was_enabled = bool(running and running.state.flux_was_enabled)
+        models = [
             m
             for m in sorted(releases.model_paths_in_use())
             if _under_models_dir(m, remote.models_dir)
@@ -206,7 +203,6 @@ def undeploy(
         if confirm is not None:
             confirm(changes)
 
-    def remove_service() -> None:
         executor.run(commands.stop(unit), sudo=True, check=False)
         executor.run(commands.disable(unit), sudo=True, check=False)
         executor.run(commands.reset_failed(unit), sudo=True, check=False)
@@ -220,50 +216,28 @@ def undeploy(
         removed.append(remote.service_dir)
         executor.run(commands.daemon_reload(), sudo=True)
 
-    def purge() -> None:
-        for path in models:
-            executor.run(commands.remove_tree(path), sudo=True)
-            removed.append(path)
-            # The model's own directory goes too once nothing but the pull's own
-            # bookkeeping (its lock file, staging) is left in it.
-            parent = path.rsplit("/", 1)[0]
-            others = executor.run(
-                ["find", parent, "-mindepth", "1", "-maxdepth", "1", "!", "-name",
-                 ".pull.lock", "!", "-name", ".staging-*"],
-                sudo=True,
-                check=False,
-            )  # fmt: skip
-            if others.ok and not others.stdout.strip():
-                executor.run(commands.remove_tree(parent), sudo=True)
-
-    def record() -> None:
+        if purge_models:
+            for path in models:
+                executor.run(commands.remove_tree(path), sudo=True)
+                removed.append(path)
+                # The model's own directory goes too once nothing but the pull's own
+                # bookkeeping (its lock file, staging) is left in it.
+                parent = path.rsplit("/", 1)[0]
+                others = executor.run(
+                    ["find", parent, "-mindepth", "1", "-maxdepth", "1", "!", "-name",
+                     ".pull.lock", "!", "-name", ".staging-*"],
+                    sudo=True,
+                    check=False,
+                )  # fmt: skip
+                if others.ok and not others.stdout.strip():
+                    executor.run(commands.remove_tree(parent), sudo=True)
+        if start_flux:
+            start_flux_step(Switch(executor, settings), was_enabled=flux_was_enabled).apply()
         entry = audit.AuditEntry("undeploy", "ok", details={"removed": removed})
         audit.append(executor, remote.state_dir, entry, python=remote.python)
-
-    models: list[str] = []
-    flux = _FluxWas()
-    steps = [
-        lock_step(lock, wait_s=lock_wait_s),
-        Step("check", "refuse a unit that is not ours; confirm the changes", check),
-        Step("remove-service", f"stop, disable and remove {unit}", remove_service),
-        Step("purge-models", "delete the recorded model directories", purge,
-             skip=lambda: not purge_models),
-        Step("start-flux", "start Flux again", lambda: start_flux_step(
-            switch, was_enabled=flux.was_enabled).apply(), skip=lambda: not start_flux),
-        Step("audit", "append to the audit log", record),
-    ]  # fmt: skip
-    try:
-        run_steps(steps)
-    except StepFailure as failure:
-        raise failure.error from None
     finally:
         lock.release()
     return UndeployResult(removed, "active" if start_flux else "unchanged")
-
-
-@dataclass
-class _FluxWas:
-    was_enabled: bool | None = None
 
 
 def rollback(
@@ -281,7 +255,7 @@ def rollback(
     remote = settings.remote
     releases = Releases(executor, remote.state_dir)
     lock = HostLock(executor, remote.state_dir, command="rollback")
-    lock_step(lock, wait_s=lock_wait_s).apply()
+    lock.acquire(wait_s=lock_wait_s)
     started = time.monotonic()
     try:
         refuse_foreign_unit(executor, settings)

@@ -122,7 +122,7 @@ class Releases:
         return Release.from_json(text) if text else None
 
     def current(self) -> Release | None:
-        text = self._cat(current_path(self.state_dir))
+        text = self._cat(self.current_path)
         return Release.from_json(text) if text else None
 
     def previous(self) -> Release | None:
@@ -162,12 +162,11 @@ class Releases:
     def set_current(self, release: Release) -> None:
         """Make ``release`` the running one. World-readable: the unprivileged probe reads it,
         and it holds no secret (the key stays in the 0600 env copy it only names)."""
-        path = current_path(self.state_dir)
-        write_file(self.executor, FileWrite(path, release.to_json(), mode="0644"))
+        write_file(self.executor, FileWrite(self.current_path, release.to_json(), mode="0644"))
 
     def clear_current(self) -> None:
         """Nothing of ours runs any more (undeploy); the kept releases stay."""
-        self.executor.run(commands.remove(current_path(self.state_dir)), sudo=self.sudo)
+        self.executor.run(commands.remove(self.current_path), sudo=self.sudo)
 
     def prune(self, keep: int, *, check: bool = True) -> list[int]:
         """Remove all but the newest ``keep`` releases (never the current one)."""

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
-import json
 import os
 import platform
 import signal
@@ -45,7 +44,15 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import REPO, free_port, load_demo_builder, print_table
+from bench_common import (
+    REPO,
+    free_port,
+    load_demo_builder,
+    print_table,
+    start_server,
+    stream_completion,
+    wait_ready,
+)
 from bench_server import PROMPT, Baseline
 
 MODEL = "bench"
@@ -69,46 +76,11 @@ class Server:
                 self.proc.kill()
 
 
-def _wait_ready(proc: subprocess.Popen[bytes], base: str, path: str, limit: float) -> None:
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            if httpx.get(base + path, timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError(f"{base} did not become ready")
-
-
 def start_ours(name: str, checkout: Path, model_dir: Path, env_extra: dict[str, str]) -> Server:
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ASOBA_")}
-    env["OMP_NUM_THREADS"] = str(THREADS)
-    env.update(
-        ASOBA_MODEL_DIR=str(model_dir),
-        ASOBA_MODEL_NAME=MODEL,
-        ASOBA_HOST="127.0.0.1",
-        ASOBA_PORT=str(port),
-        ASOBA_LOG_LEVEL="warning",
-        ASOBA_MAX_NUM_SEQS="16",
-        HF_HUB_OFFLINE="1",
-        PYTHONPATH=str(checkout),
-        **env_extra,
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "remote_service"],
-        cwd=checkout,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    base = f"http://127.0.0.1:{port}"
-    _wait_ready(proc, base, "/health", 180)
-    return Server(name, base, proc)
+    env = {"OMP_NUM_THREADS": str(THREADS), "ASOBA_MAX_NUM_SEQS": "16", **env_extra}
+    proc = start_server(model_dir, port, env, checkout=checkout, ready_s=180)
+    return Server(name, f"http://127.0.0.1:{port}", proc)
 
 
 def start_vllm(python: str, model_dir: Path) -> Server:
@@ -138,7 +110,7 @@ def start_vllm(python: str, model_dir: Path) -> Server:
         stderr=subprocess.DEVNULL,
     )
     base = f"http://127.0.0.1:{port}"
-    _wait_ready(proc, base, "/v1/models", 600)
+    wait_ready(proc, base + "/v1/models", 600, poll_s=0.5)
     return Server("vllm", base, proc)
 
 
@@ -149,33 +121,8 @@ async def stream(
     client: httpx.AsyncClient, prompt: str, tokens: int, stamps: list[float] | None = None
 ) -> tuple[int, float]:
     """One streamed completion: (completion tokens, seconds to the first token)."""
-    payload = {
-        "model": MODEL,
-        "prompt": prompt,
-        "max_tokens": tokens,
-        "temperature": 0,
-        "repetition_penalty": 1.0,
-        "ignore_eos": True,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-    t0 = time.perf_counter()
-    first = None
-    used = 0
-    async with client.stream("POST", "/v1/completions", json=payload) as r:
-        r.raise_for_status()
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            event = json.loads(line[6:])
-            if event.get("choices") and event["choices"][0].get("text"):
-                now = time.perf_counter()
-                first = first if first is not None else now - t0
-                if stamps is not None:
-                    stamps.append(now)
-            if event.get("usage"):
-                used = event["usage"]["completion_tokens"]
-    return used, first if first is not None else time.perf_counter() - t0
+    used, _, first = await stream_completion(client, prompt, tokens, model=MODEL, stamps=stamps)
+    return used, first
 
 
 async def aggregate(base: str, streams: int, tokens: int) -> float:

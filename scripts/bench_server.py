@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import signal
@@ -33,7 +32,14 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import free_port, load_demo_builder, percentile, print_table, start_server
+from bench_common import (
+    free_port,
+    load_demo_builder,
+    percentile,
+    print_table,
+    start_server,
+    stream_completion,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = (
@@ -86,30 +92,8 @@ class Baseline:
 
 
 async def one_stream(client: httpx.AsyncClient, tokens: int) -> StreamResult:
-    payload = {
-        "prompt": PROMPT,
-        "max_tokens": tokens,
-        "temperature": 0,
-        "repetition_penalty": 1.0,  # as in the baseline
-        "ignore_eos": True,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-    t0 = time.perf_counter()
-    ttft = None
-    used = 0
-    async with client.stream("POST", "/v1/completions", json=payload) as r:
-        r.raise_for_status()
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            event = json.loads(line[6:])
-            if ttft is None and event["choices"] and event["choices"][0]["text"]:
-                ttft = time.perf_counter() - t0
-            if event.get("usage"):
-                used = event["usage"]["completion_tokens"]
-    seconds = time.perf_counter() - t0
-    return StreamResult(used, seconds, ttft if ttft is not None else seconds)
+    # repetition_penalty 1.0, greedy: as in the baseline
+    return StreamResult(*await stream_completion(client, PROMPT, tokens))
 
 
 async def concurrent(base: str, streams: int, tokens: int) -> tuple[float, float]:
