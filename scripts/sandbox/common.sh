@@ -11,7 +11,7 @@ REPO_ROOT="$(cd "$SANDBOX_LIB/../.." && pwd)"
 
 # Bump when the rootfs recipe (build-rootfs) changes; the cached tarball is keyed by it.
 # Files under guest/ are copied in at every boot and need no bump.
-ROOTFS_VERSION="bookworm-5"
+ROOTFS_VERSION="bookworm-6"
 
 SANDBOX_CACHE="${MODEL_DEPLOYER_CACHE:-${HOME:-/root}/.cache/model-deployer}"
 ROOTFS_TAR="$SANDBOX_CACHE/rootfs-$ROOTFS_VERSION.tar.zst"
@@ -40,9 +40,8 @@ GUEST_PIP_PLATFORM_ARGS=(
     --abi cp311
     --abi abi3
     --abi none
-    --platform manylinux_2_36_x86_64
-    --platform manylinux_2_28_x86_64
-    --platform manylinux_2_17_x86_64
+    # pip does not widen an explicit --platform to older glibc tags: name each one.
+    $(for minor in $(seq 36 -1 17); do printf -- '--platform manylinux_2_%s_x86_64 ' "$minor"; done)
     --platform manylinux2014_x86_64
     --platform any
 )
