@@ -39,7 +39,7 @@ test-latest:
 	scripts/test-latest.sh
 
 test: install lint
-	$(PY) -m pytest -m "not chaos"
+	$(PY) -m pytest -m "not chaos" --durations=25
 
 chaos: install
 	$(PY) -m pytest -m chaos
