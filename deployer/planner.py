@@ -797,8 +797,9 @@ def _place_vllm(
             why.append(conflict)
         failures.append(f"does not fit {where} (" + ", ".join(why) + ")")
     if gpu_short and len(facts.gpu.devices) > 1:
-        tp = _place_tp(cand, facts, policy, failures[-1])
-        if isinstance(tp, _Placed):
+        tp, tried = _place_tp(cand, facts, policy)
+        failures += tried
+        if tp is not None:
             assert tp.vllm_need is not None and tp.vllm_fit is not None
             gpus = ",".join(str(i) for i in tp.gpu_indices)
             fits = (
@@ -809,21 +810,21 @@ def _place_vllm(
                 f"on each ({tp.vllm_fit.kv_cache_tokens} tokens)"
             )
             return "replace", f"{label}: " + "; ".join([*failures, fits]), tp
-        failures.append(tp)
     return "refuse", f"{label}: " + "; ".join(failures), None
 
 
 def _place_tp(
-    cand: _Candidate, facts: HostFacts, policy: PolicyConfig, single: str
-) -> _Placed | str:
+    cand: _Candidate, facts: HostFacts, policy: PolicyConfig
+) -> tuple[_Placed | None, list[str]]:
     """Tensor parallelism, replacing Flux: the smallest tensor_parallel_size (2, 4, 8) whose
     share fits each of that many GPUs (the ones with the most usable memory, in proportion to
-    their size); or why none does."""
+    their size), and why the smaller sizes did not fit."""
     sizes = vm.tp_sizes(cand.estimate, len(facts.gpu.devices))
     if not sizes:
-        return "no tensor parallel size divides its heads" + (
-            "" if cand.estimate.num_attention_heads else " (shapes unknown: no config.json)"
-        )
+        return None, [
+            "no tensor parallel size divides its heads"
+            + ("" if cand.estimate.num_attention_heads else " (shapes unknown: no config.json)")
+        ]
     rooms = {
         g.index: headroom(facts, "replace", policy, gpu_index=g.index) for g in facts.gpu.devices
     }
@@ -860,7 +861,7 @@ def _place_tp(
             )
             break
         least = min(fits, key=lambda f: f.kv_cache_bytes)
-        return _Placed(
+        placed = _Placed(
             placement="replace",
             room=first,
             need=Resources(
@@ -872,7 +873,8 @@ def _place_tp(
             vllm_need=vneed,
             vllm_fit=least,
         )
-    return "; ".join(tried) if tried else f"no tensor parallel fit ({single})"
+        return placed, tried
+    return None, tried
 
 
 # --------------------------------------------------------------------------- plan
