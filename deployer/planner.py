@@ -939,7 +939,8 @@ def plan_deployment(
                 chosen = (cand, placed)
                 break
         if chosen is None:
-            reasons.append(_refusal(served, candidates, rooms["replace"], facts, flags))
+            asked = engine_request(spec, policy, flags)[1]
+            reasons.append(_refusal(served, rooms["replace"], facts, asked))
     if chosen is None:
         pick = min(served or candidates, key=lambda c: c.gpu_need)
         room = rooms["replace"]
@@ -979,17 +980,10 @@ def plan_deployment(
     )
 
 
-def _refusal(
-    served: list[_Candidate],
-    candidates: list[_Candidate],
-    room: Headroom,
-    facts: HostFacts,
-    flags: PlanFlags,
-) -> str:
+def _refusal(served: list[_Candidate], room: Headroom, facts: HostFacts, asked: str) -> str:
     """The last reason of a plan that refuses: what the smallest option needs, against the
-    most the host offers."""
+    most the host offers (``asked``: who asked for the engine)."""
     if not served:
-        asked = f"--engine {flags.engine}" if flags.engine else "the engine asked for"
         return (
             f"refuse: nothing fits; {asked}: every option is bitsandbytes, quantized on load, "
             "which vLLM is not used for (--engine transformers serves it)"
@@ -1037,8 +1031,10 @@ def _finish(
     need = placed.need
     applies = action != "refuse"
     stop_flux = action == "replace" and facts.flux.active
-    engine: Engine = cand.engine or "vllm"  # None: refused for --engine vllm
-    engine_reason = cand.engine_reason if cand.engine else f"vllm: --engine {flags.engine}"
+    engine: Engine = cand.engine or "vllm"  # None: refused for an explicit vllm
+    engine_reason = cand.engine_reason
+    if cand.engine is None:
+        engine_reason = f"vllm: {engine_request(spec, policy, flags)[1]}"
     port = None
     if action == "coexist":
         port = policy.coexist_port

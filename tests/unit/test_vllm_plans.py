@@ -136,6 +136,10 @@ def test_engine_vllm_refuses_bitsandbytes_and_says_so() -> None:
     )
     assert "every option is bitsandbytes" in p.refusal_message()
     assert "--engine transformers serves it" in p.refusal_message()
+    by_policy = plan("qwen3-coder-30b", settings=Settings(policy=PolicyConfig(engine="vllm")))
+    assert by_policy.action == "refuse"
+    assert by_policy.engine_reason == 'vllm: [policy] engine = "vllm"'
+    assert by_policy.refusal_message().startswith('[policy] engine = "vllm": every option is')
     # the same model as the operator forced 4-bit onto a 16-bit one that vLLM would serve
     forced = plan("deepseek-r1-8b", engine="vllm", force="4bit")
     assert forced.action == "refuse" and forced.engine == "vllm"
