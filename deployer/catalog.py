@@ -15,6 +15,7 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .config import EngineChoice
 from .errors import CatalogError
 from .operator_input import describe, did_you_mean, printable, read_operator_file
 
@@ -87,6 +88,8 @@ class ModelSpec(BaseModel):
     awq_variant: str | None = None
     bootstrap: Bootstrap | None = None
     revision: str | None = None
+    # auto: the policy's engine decides (``[policy] engine``); vllm | transformers pin it.
+    engine: EngineChoice = "auto"
 
     @field_validator("name")
     @classmethod

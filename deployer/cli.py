@@ -1,6 +1,7 @@
 """``deploy-model``: the operator's command. Thin: parse, call the core, show, map errors.
 
-    deploy-model NAME [--dry-run] [--json] [--force-quantize [4bit|8bit]] [--config PATH]
+    deploy-model NAME [--dry-run] [--json] [--force-quantize [4bit|8bit]]
+                 [--engine auto|vllm|transformers] [--config PATH]
     deploy-model --list
 
 Exit codes (``EXIT_CODES``): 0 a plan that can apply (or applied); 2 bad config, catalog or
@@ -208,7 +209,8 @@ def _console(as_json: bool) -> Console:
     "  deploy-model qwen3-14b --dry-run\n"
     "  deploy-model qwen3-14b --dry-run --json > plan.json\n"
     "  deploy-model --plan plan.json --yes\n"
-    "  deploy-model qwen3-coder-30b --force-quantize 8bit\n\n" + EXIT_CODES,
+    "  deploy-model qwen3-coder-30b --force-quantize 8bit\n"
+    "  deploy-model demo-tiny --engine vllm --dry-run\n\n" + EXIT_CODES,
 )
 @click.version_option(package_name="model-deployer", prog_name="deploy-model")
 @click.argument("name", required=False, shell_complete=complete_model_names)
@@ -221,6 +223,14 @@ def _console(as_json: bool) -> Console:
     flag_value="4bit",
     default=None,
     help="Quantize even when the model fits (default 4bit). Put it after NAME.",
+)
+@click.option(
+    "--engine",
+    type=click.Choice(["auto", "vllm", "transformers"]),
+    default=None,
+    help="Serving engine. auto: vLLM for 16-bit and AWQ checkpoints, transformers for "
+    "bitsandbytes (vLLM is never used with it). Default: the catalog entry's engine, else "
+    "[policy] engine, else auto.",
 )
 @config_option
 @click.option("--list", "list_models", is_flag=True, help="List the catalog and exit.")
@@ -256,6 +266,7 @@ def main(
     dry_run: bool,
     as_json: bool,
     force_quantize: str | None,
+    engine: str | None,
     config_path: str | None,
     list_models: bool,
     plan_file: str | None,
@@ -282,6 +293,7 @@ def main(
             no_auth=no_auth,
             yes=yes,
             plan_file=plan_file,
+            engine=engine,
         ),
         debug=debug,
     )
@@ -301,6 +313,7 @@ def _run(
     no_auth: bool = False,
     yes: bool = False,
     plan_file: str | None = None,
+    engine: str | None = None,
 ) -> int:
     from .catalog import load_catalog
     from .config import load_settings
@@ -322,6 +335,7 @@ def _run(
         if dry_run:
             raise click.UsageError("--plan applies a saved plan; --dry-run makes one")
         name, force_quantize = saved.model, saved.flags.force_quantize
+        engine = saved.flags.engine
     if not name:
         raise click.UsageError("give a model NAME (or --list)")
     catalog.get(name)  # unknown names fail here, before any connection
@@ -332,7 +346,7 @@ def _run(
     from .planner import PlanFlags, with_auth
 
     core = core_of(click.get_current_context().obj)
-    flags = PlanFlags(force_quantize=force_quantize)  # type: ignore[arg-type]
+    flags = PlanFlags(force_quantize=force_quantize, engine=engine)  # type: ignore[arg-type]
     console = _console(as_json)
     executor = core.open_host(settings, trust_new_host_key=trust_new_host_key)
     try:

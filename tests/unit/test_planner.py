@@ -69,6 +69,7 @@ def plan(
     force: str | None = None,
     settings: Settings = SETTINGS,
     without: tuple[str, ...] = (),
+    engine: str | None = None,
 ) -> Plan:
     return plan_deployment(
         CATALOG.models[name],
@@ -76,35 +77,36 @@ def plan(
         estimates(name, without=without, settings=settings),
         facts or g5_facts(),
         settings,
-        PlanFlags(force_quantize=force),  # type: ignore[arg-type]
+        PlanFlags(force_quantize=force, engine=engine),  # type: ignore[arg-type]
     )
 
 
 # --------------------------------------------------------------------------- the table
 
 G5 = (
-    # model,                    expected action, stop_flux, port, quantization, weights from
-    ("mistral_policy_analysis", "coexist", False, 8001, "none", "mistral_policy_analysis"),
-    ("mistral_iac_generation", "coexist", False, 8001, "none", "mistral_iac_generation"),
-    ("qwen3-14b", "replace", True, 8000, "awq", "qwen3-14b-awq"),
-    ("qwen3-14b-awq", "replace", True, 8000, "awq", "qwen3-14b-awq"),
-    ("qwen3-coder-30b", "replace", True, 8000, "bnb-4bit", "qwen3-coder-30b"),
-    ("deepseek-r1-8b", "replace", True, 8000, "none", "deepseek-r1-8b"),
-    ("demo-tiny", "coexist", False, 8001, "none", "demo-tiny"),
+    # model,                 expected action, stop_flux, port, quantization, weights from, engine
+    ("mistral_policy_analysis", "coexist", False, 8001, "none", "mistral_policy_analysis", "vllm"),
+    ("mistral_iac_generation", "coexist", False, 8001, "none", "mistral_iac_generation", "vllm"),
+    ("qwen3-14b", "replace", True, 8000, "awq", "qwen3-14b-awq", "vllm"),
+    ("qwen3-14b-awq", "replace", True, 8000, "awq", "qwen3-14b-awq", "vllm"),
+    ("qwen3-coder-30b", "replace", True, 8000, "bnb-4bit", "qwen3-coder-30b", "transformers"),
+    ("deepseek-r1-8b", "replace", True, 8000, "none", "deepseek-r1-8b", "vllm"),
+    ("demo-tiny", "coexist", False, 8001, "none", "demo-tiny", "transformers"),
 )
 
 
-@pytest.mark.parametrize(("name", "action", "stop_flux", "port", "quant", "weights"), G5)
+@pytest.mark.parametrize(("name", "action", "stop_flux", "port", "quant", "weights", "engine"), G5)
 def test_g5_profile(
-    name: str, action: str, stop_flux: bool, port: int, quant: str, weights: str
+    name: str, action: str, stop_flux: bool, port: int, quant: str, weights: str, engine: str
 ) -> None:
     p = plan(name)
-    assert (p.action, p.stop_flux, p.port, p.quantization, p.weights_model) == (
+    assert (p.action, p.stop_flux, p.port, p.quantization, p.weights_model, p.engine) == (
         action,
         stop_flux,
         port,
         quant,
         weights,
+        engine,
     )
     assert p.needs.gpu_bytes <= p.headroom.gpu_bytes
     assert p.needs.ram_bytes <= p.headroom.ram_bytes
@@ -114,7 +116,11 @@ def test_g5_profile(
     expected = list(STEP_NAMES)
     if stop_flux:
         expected.insert(expected.index("start"), "stop-flux")
+    if engine == "vllm":
+        expected.insert(expected.index("install-venv") + 1, "install-engine")
     assert names == expected
+    assert p.service is not None and p.service.engine == engine
+    assert (p.service.vllm is not None) == (engine == "vllm")
     assert p.endpoints[0].endswith(f":{port}/status")
     assert {e.rsplit(str(port), 1)[1] for e in p.endpoints} == {
         "/status",
@@ -134,7 +140,7 @@ def test_qwen3_14b_without_awq_in_s3_goes_bnb_4bit() -> None:
 
 
 def test_qwen3_14b_reasons_carry_the_numbers() -> None:
-    p = plan("qwen3-14b")
+    p = plan("qwen3-14b", engine="transformers")  # the transformers engine's figures
     assert p.reasons == [
         "qwen3-14b: 14.77B parameters, BF16, 29.5 GB stored, from S3 metadata",
         "16-bit needs 33.7 GB GPU (weights 29.5 GB + KV cache 2.7 GB + activations 0.6 GB"
@@ -175,7 +181,7 @@ def test_prefer_quality_takes_8bit_when_it_fits() -> None:
 
 
 def test_small_model_replaces_when_flux_leaves_too_little_gpu() -> None:
-    p = plan("mistral_policy_analysis", g5_facts(flux_gpu_mib=22500))
+    p = plan("mistral_policy_analysis", g5_facts(flux_gpu_mib=22500), engine="transformers")
     assert (p.action, p.stop_flux, p.port) == ("replace", True, 8000)
     assert p.options[0].verdict.startswith(
         "16-bit: does not fit beside Flux (GPU 1.5 GB > 0.0 GB); fits with Flux stopped"
@@ -270,7 +276,7 @@ def test_bootstrap_step_is_placed_before_start() -> None:
 
 
 def test_plan_json_has_the_required_keys_and_round_trips() -> None:
-    p = plan("qwen3-14b")
+    p = plan("qwen3-14b", engine="transformers")  # need_gb: the transformers engine's need
     data = plan_json(p)
     assert list(data)[:10] == [
         "model",
@@ -311,7 +317,8 @@ def test_the_plan_id_is_the_decision_not_the_reading() -> None:
 
 
 def _moved(**kwargs: Any) -> list[str]:
-    return plan("qwen3-14b").still_holds(g5_facts(**kwargs))
+    # transformers: its need is the estimate (vLLM's is its claim, tested in test_vllm_plans)
+    return plan("qwen3-14b", engine="transformers").still_holds(g5_facts(**kwargs))
 
 
 def test_still_holds_reports_what_moved() -> None:
@@ -323,7 +330,7 @@ def test_still_holds_reports_what_moved() -> None:
     assert "deployed model was none, now demo-tiny on port 8001 (none)" in moved
     assert "asoba-inference.service was inactive, now active" in moved
     rebooted = HostFacts.model_validate(probe_json() | {"boot_id": "boot-2"})
-    assert plan("qwen3-14b").still_holds(rebooted) == [
+    assert plan("qwen3-14b", engine="transformers").still_holds(rebooted) == [
         "the host rebooted since the plan (boot id changed)"
     ]
     assert _moved(listeners=[22, 8000], flux_active=False)[-1] == (
@@ -358,7 +365,18 @@ def test_service_spec_for_apply() -> None:
         "max_concurrent_seqs": 4,
         "memory_max": "32G",
         "cpu_quota": "800%",
+        "engine": "vllm",
+        "vllm": {
+            "package": "vllm",
+            "gpu_memory_utilization": 0.95,
+            "max_model_len": 4096,
+            "max_num_seqs": 4,
+            "tensor_parallel_size": 1,
+            "gpu_indices": [0],
+            "kv_cache_bytes": p.service.vllm.kv_cache_bytes if p.service.vllm else None,
+        },
     }
+    assert p.service.vllm is not None and p.service.vllm.kv_cache_bytes > 10 * GB
 
 
 def test_spare_after_deploy_is_headroom_less_need() -> None:
