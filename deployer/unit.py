@@ -162,7 +162,8 @@ class ServiceEnv:
             "max_model_len": self.max_model_len,
             "shutdown_timeout": self.shutdown_timeout,
             "api_key": self.api_key,
-            "backend": self.backend,
+            # Left out for the server's default, so a transformers env file reads as before.
+            "backend": None if self.backend == "transformers" else self.backend,
             "vllm_python": self.vllm_python,
             "gpu_memory_utilization": self.gpu_memory_utilization,
             "tensor_parallel_size": self.tensor_parallel_size,
@@ -336,7 +337,11 @@ def render_unit(
         "MEMORY_MAX": service.memory_max,
         "CPU_QUOTA": service.cpu_quota,
         "PORT": str(port),
-        "ENGINE_PORTS": VLLM_WORKER_PORTS if engine == "vllm" else f"tcp:{port}",
+        "ENGINE_BIND": (
+            f"SocketBindAllow={VLLM_WORKER_PORTS}"
+            if engine == "vllm"
+            else "# (the transformers engine runs in this process: no other port)"
+        ),
         # A service or model directory under /home needs the tree visible (read-only).
         "PROTECT_HOME": "read-only" if _under_any(paths) else "yes",
     }

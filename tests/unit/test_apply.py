@@ -21,7 +21,8 @@ from deployer.errors import (
 )
 from deployer.lock import HostLock, LockInfo
 from deployer.make_plan import make_plan
-from deployer.planner import Plan
+from deployer.planner import Plan, PlanFlags
+from deployer.service_code import engine_venv_dir
 from tests.fake_host import FLUX_UNIT, OUR_UNIT, FakeHost
 from tests.fakes import Call
 from tests.model_metadata import StaticMetadata
@@ -280,3 +281,85 @@ def test_a_failed_record_keeps_the_healthy_deploy(host: FakeHost, tmp_path: Path
     assert not any(event == "undo" for event, _ in events.steps)
     assert host.units[OUR_UNIT].active and host.read(UNIT_FILE) is not None
     assert not host.path("/var/lib/model-deployer/lock").exists()
+
+
+def vllm_plan(host: FakeHost, package: str = "vllm") -> Plan:
+    settings = SETTINGS.model_copy(
+        update={"install": SETTINGS.install.model_copy(update={"vllm_package": package})}
+    )
+    return make_plan(
+        "demo-tiny",
+        settings=settings,
+        catalog=CATALOG,
+        executor=host,
+        metadata=StaticMetadata({}, bucket=CATALOG.bucket),
+        flags=PlanFlags(engine="vllm"),
+    ).plan
+
+
+def env_of(host: FakeHost) -> dict[str, str]:
+    text = host.read(ENV_FILE) or ""
+    return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+
+
+def test_a_vllm_plan_installs_its_engine_and_renders_the_plans_numbers(
+    host: FakeHost, tmp_path: Path
+) -> None:
+    plan = vllm_plan(host)
+    assert plan.engine == "vllm" and plan.service and plan.service.vllm
+    vllm = plan.service.vllm
+    deployment, events = deploy(host, tmp_path, plan=plan)
+    assert deployment.run().outcome == "deployed"
+    assert ran(events) == [s.name for s in plan.steps] and "install-engine" in ran(events)
+    venv = engine_venv_dir(SETTINGS, "vllm")
+    assert venv.startswith("/opt/asoba-inference/engines/vllm-")
+    assert host.path(f"{venv}/.complete").exists()
+    # Its own venv: never the host's torch through the system site-packages.
+    (made,) = [c.argv for c in host.calls if c.argv[1:3] == ("-m", "venv") and venv in c.argv]
+    assert "--system-site-packages" not in made
+    (pip,) = [c.argv for c in host.calls if c.argv[0] == f"{venv}/bin/python" and "pip" in c.argv]
+    assert "--require-hashes" in pip and "--no-deps" in pip
+    env = env_of(host)
+    assert env["ASOBA_BACKEND"] == "vllm"
+    assert env["ASOBA_VLLM_PYTHON"] == f"{venv}/bin/python"
+    assert float(env["ASOBA_GPU_MEMORY_UTILIZATION"]) == vllm.gpu_memory_utilization
+    assert int(env["ASOBA_MAX_NUM_SEQS"]) == vllm.max_num_seqs
+    assert int(env["ASOBA_MAX_MODEL_LEN"]) == vllm.max_model_len
+    assert int(env["ASOBA_TENSOR_PARALLEL_SIZE"]) == vllm.tensor_parallel_size
+    assert int(env["ASOBA_KV_CACHE_BYTES"]) == vllm.kv_cache_bytes
+    assert env["CUDA_VISIBLE_DEVICES"] == ",".join(map(str, vllm.gpu_indices))
+    unit_text = host.read(UNIT_FILE) or ""
+    assert "SocketBindAllow=tcp:32768-60999" in unit_text  # its workers' loopback ports
+    assert "RuntimeDirectory=asoba-inference" in unit_text
+
+    # The same plan again: the engine venv is there, nothing changes.
+    host.calls.clear()
+    again, _ = deploy(host, tmp_path, plan=vllm_plan(host))
+    assert again.run().outcome == "unchanged"
+    assert not [c for c in host.calls if c.argv[1:3] == ("-m", "pip")]
+    assert host.changes() == []
+
+
+def test_the_cpu_build_gets_the_plans_kv_cache_and_no_gpu_list(
+    host: FakeHost, tmp_path: Path
+) -> None:
+    plan = vllm_plan(host, "vllm-cpu")
+    assert plan.service and plan.service.vllm
+    deploy(host, tmp_path, plan=plan)[0].run()
+    env = env_of(host)
+    assert env["ASOBA_VLLM_PYTHON"].startswith("/opt/asoba-inference/engines/vllm-cpu-")
+    assert int(env["ASOBA_KV_CACHE_BYTES"]) == plan.service.vllm.kv_least_bytes
+    assert "CUDA_VISIBLE_DEVICES" not in env
+
+
+def test_switching_back_to_transformers_leaves_no_vllm_settings(
+    host: FakeHost, tmp_path: Path
+) -> None:
+    deploy(host, tmp_path, plan=vllm_plan(host))[0].run()
+    assert env_of(host)["ASOBA_BACKEND"] == "vllm"
+    back, _ = deploy(host, tmp_path)
+    assert back.run().outcome == "deployed"
+    env = env_of(host)
+    assert "ASOBA_BACKEND" not in env  # the server's default engine
+    assert not [k for k in env if "VLLM" in k or k in ("CUDA_VISIBLE_DEVICES",)]
+    assert "tcp:32768-60999" not in (host.read(UNIT_FILE) or "")
