@@ -86,7 +86,7 @@ class VllmEngine(Engine):
         self._info = EngineInfo(
             backend="vllm",
             model_name=settings.served_model_name,
-            device="cpu" if settings.device == "cpu" else settings.device,
+            device=settings.device,
             dtype=settings.dtype,
             quantization=settings.quantization,
             max_model_len=settings.max_model_len or 0,
