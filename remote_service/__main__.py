@@ -6,6 +6,10 @@ stdout, so the journal collects them. SIGTERM drains open requests for up to
 ``ASOBA_SHUTDOWN_TIMEOUT`` seconds, then aborts what is left and exits; uvicorn re-raises the
 signal after its clean shutdown, so the exit reads as "killed by SIGTERM", which systemd
 counts as a clean stop.
+
+Exit status 3 means the engine died and cannot recover in-process (the vLLM child server
+exited, or was not ready in time): the server keeps answering ``/health`` (503 with the reason)
+for a few seconds, then exits, and systemd's ``Restart=`` starts it again.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import logging
 import os
 import sys
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from types import FrameType
 
@@ -24,6 +29,8 @@ from remote_service.engine.base import Engine
 from remote_service.log_filters import RateLimitFilter
 
 EXIT_CONFIG = 2
+EXIT_ENGINE_DIED = 3
+FATAL_EXIT_DELAY_S = 3.0  # /health reports why before the process goes
 _UVICORN_EXTRA_GRACE_S = 5
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -75,6 +82,15 @@ def main(environ: Mapping[str, str] | None = None) -> int:
             plan.quantization,
         )
 
+    if settings.backend == "vllm":
+        from remote_service.engine.base import EngineLoadError
+        from remote_service.engine.vllm_child import plan_vllm
+
+        try:
+            plan_vllm(settings, env, make_socket=False)
+        except EngineLoadError as exc:
+            return _fail([str(exc)])
+
     from remote_service.app import create_app
 
     app = create_app(settings)
@@ -96,6 +112,8 @@ def main(environ: Mapping[str, str] | None = None) -> int:
     )
     server = DrainingServer(config, engine=app.state.engine, grace=settings.shutdown_timeout)
     server.run()
+    if server.exit_status is not None:
+        return server.exit_status
     return 0 if server.started else 1
 
 
@@ -109,6 +127,27 @@ class DrainingServer(uvicorn.Server):
         self._engine = engine
         self._grace = grace
         self._draining = False
+        self._fatal_since: float | None = None
+        self.exit_status: int | None = None
+
+    async def on_tick(self, counter: int) -> bool:
+        if await super().on_tick(counter):
+            return True
+        reason = self._engine.fatal()
+        if reason is None or self._draining:
+            return False
+        now = time.monotonic()
+        if self._fatal_since is None:
+            self._fatal_since = now
+        elif now - self._fatal_since >= FATAL_EXIT_DELAY_S:
+            logging.getLogger("remote_service").error(
+                "the engine failed (%s): exiting with status %d so that systemd restarts it",
+                reason.splitlines()[0],
+                EXIT_ENGINE_DIED,
+            )
+            self.exit_status = EXIT_ENGINE_DIED
+            return True
+        return False
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if not self._draining:

@@ -1,7 +1,8 @@
 """The FastAPI application: built once from settings, with an engine and a lifespan.
 
 On startup the lifespan starts loading the model on a background thread, so ``/health`` answers
-503 ``loading`` (and ``/status`` ``loading``) until the model is loaded and warmed up. On
+503 ``loading`` (and ``/status`` ``loading``) until the model is loaded and warmed up (with
+``ASOBA_BACKEND=vllm``: until the vLLM child server answers its ``/health``). On
 shutdown (after uvicorn has drained or cancelled open requests) it stops the engine, giving
 running sequences up to ``ASOBA_SHUTDOWN_TIMEOUT`` seconds.
 """
@@ -22,7 +23,7 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from remote_service import SERVICE_NAME, __version__
 from remote_service.access_log import AccessLogMiddleware
-from remote_service.api import routes_generate, routes_health, routes_openai
+from remote_service.api import routes_generate, routes_health, routes_openai, routes_vllm
 from remote_service.api.errors import install_error_handlers
 from remote_service.api.serving import Serving
 from remote_service.engine import Engine, EngineLoadError, build_engine
@@ -114,6 +115,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             grace = min(_ENGINE_GRACE_S, settings.shutdown_timeout)
             log.info("stopping the engine")
             await asyncio.to_thread(engine.shutdown, grace)
+            await engine.aclose()
             metrics.ready.set(0)
 
     app = FastAPI(
@@ -135,7 +137,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     _openapi_as_served(app, settings, engine)
     app.include_router(routes_health.router)
     app.include_router(routes_generate.router)
-    app.include_router(routes_openai.router)
+    # vLLM serves the whole OpenAI API itself: /v1 is forwarded to it as it is.
+    app.include_router(routes_vllm.router if settings.backend == "vllm" else routes_openai.router)
     # Added innermost first: the access log sees every answer, 413s and CORS preflights too.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
     if settings.cors_origin_list:

@@ -127,3 +127,49 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+# A child's client-library defaults: the same families as ours, describing another process.
+_CHILD_DEFAULT_FAMILIES = ("python_", "process_", "platform_")
+_SAMPLE_SUFFIXES = ("_total", "_created", "_bucket", "_count", "_sum", "_info")
+
+
+def _family_of(line: str) -> str | None:
+    """The metric name a text-format line is about (None for blank lines and comments
+    other than HELP/TYPE)."""
+    if line.startswith("#"):
+        parts = line.split(None, 3)
+        return parts[2] if len(parts) >= 3 and parts[1] in ("HELP", "TYPE") else None
+    name = line.split("{", 1)[0].split(None, 1)[0] if line.strip() else ""
+    return name or None
+
+
+def merge_exposition(ours: bytes, theirs: bytes) -> bytes:
+    """Our text exposition followed by a child's, less the child's families whose names are
+    ours too or are its client library's process/python/platform defaults (a scrape with a
+    family twice is rejected by Prometheus)."""
+    if not theirs.strip():
+        return ours
+    taken: set[str] = set()
+    for line in ours.decode("utf-8", "replace").splitlines():
+        name = _family_of(line)
+        if name:
+            taken.add(name)
+    kept = []
+    for line in theirs.decode("utf-8", "replace").splitlines():
+        name = _family_of(line)
+        if name is None:
+            if line.startswith("#") and line.strip() != "# EOF":
+                kept.append(line)
+            continue
+        base = name
+        for suffix in _SAMPLE_SUFFIXES:
+            if base.endswith(suffix):
+                base = base[: -len(suffix)]
+                break
+        if name.startswith(_CHILD_DEFAULT_FAMILIES) or name in taken or base in taken:
+            continue
+        kept.append(line)
+    if not kept:
+        return ours
+    return ours.rstrip(b"\n") + b"\n" + "\n".join(kept).encode() + b"\n"

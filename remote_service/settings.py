@@ -25,11 +25,12 @@ from pydantic import (
 
 ENV_PREFIX = "ASOBA_"
 
-Backend = Literal["transformers", "mock"]
+Backend = Literal["transformers", "mock", "vllm"]
 DType = Literal["auto", "bfloat16", "float16", "float32"]
 Quantization = Literal["none", "bnb-4bit", "bnb-8bit", "awq"]
 Reasoning = Literal["keep", "split"]
 LogLevel = Literal["debug", "info", "warning", "error"]
+Switch = Literal["auto", "on", "off"]
 
 _DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32"}
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
@@ -50,7 +51,10 @@ class Settings(BaseModel):
 
     model_dir: Path | None = Field(None, description="Directory with config.json + safetensors")
     model_name: str | None = Field(None, description="Served model id (default: dir name)")
-    backend: Backend = Field("transformers", description="'mock' answers without a model")
+    backend: Backend = Field(
+        "transformers",
+        description="transformers (in-process), vllm (a vLLM child server), mock (no model)",
+    )
     device: str = Field("auto", description="auto (CUDA if present, else CPU), cpu, cuda[:N]")
     dtype: DType = Field("auto", description="auto: bfloat16 on CUDA, float32 on CPU")
     quantization: Quantization = "none"
@@ -86,13 +90,35 @@ class Settings(BaseModel):
     warmup: bool = True
     log_level: LogLevel = "info"
     mock_token_delay: float = Field(0.005, ge=0, le=10, description="Mock: seconds per token")
+    # --- ASOBA_BACKEND=vllm (remote_service/engine/vllm_child.py) ---
+    vllm_python: Path | None = Field(
+        None, description="vllm: the Python of vLLM's own venv (required with backend vllm)"
+    )
+    gpu_memory_utilization: float | None = Field(
+        None, gt=0, le=1, description="vllm: share of GPU memory vLLM may take (CUDA only)"
+    )
+    tensor_parallel_size: int = Field(1, ge=1, le=16, description="vllm: GPUs per model")
+    kv_cache_bytes: int | None = Field(
+        None, ge=1, description="vllm: KV cache budget in bytes (CPU: whole GiB, at least 1)"
+    )
+    vllm_enforce_eager: Switch = Field(
+        "auto", description="vllm: no compilation (auto: on CPU without a C++ compiler)"
+    )
+    vllm_socket: Path | None = Field(
+        None, description="vllm: the child's unix socket (default: $RUNTIME_DIRECTORY/vllm.sock)"
+    )
+    vllm_start_timeout: float = Field(
+        900.0, gt=0, le=86_400, description="vllm: seconds the child has to become ready"
+    )
 
     @field_validator("dtype", mode="before")
     @classmethod
     def _dtype_alias(cls, v: Any) -> Any:
         return _DTYPE_ALIASES.get(v.lower(), v.lower()) if isinstance(v, str) else v
 
-    @field_validator("quantization", "backend", "reasoning", "log_level", mode="before")
+    @field_validator(
+        "quantization", "backend", "reasoning", "log_level", "vllm_enforce_eager", mode="before"
+    )
     @classmethod
     def _lower(cls, v: Any) -> Any:
         return v.lower() if isinstance(v, str) else v
@@ -107,8 +133,13 @@ class Settings(BaseModel):
 
     @model_validator(mode="after")
     def _cross_field(self) -> Settings:
-        if self.backend == "transformers" and self.model_dir is None:
+        if self.backend != "mock" and self.model_dir is None:
             raise ValueError("ASOBA_MODEL_DIR is required unless ASOBA_BACKEND=mock")
+        if self.backend == "vllm" and self.vllm_python is None:
+            raise ValueError(
+                "ASOBA_VLLM_PYTHON is required with ASOBA_BACKEND=vllm: the python of the "
+                "venv vLLM is installed in (e.g. /opt/vllm/bin/python)"
+            )
         if self.default_max_tokens > self.max_new_tokens:
             raise ValueError("ASOBA_DEFAULT_MAX_TOKENS must not exceed ASOBA_MAX_NEW_TOKENS")
         if self.quantization != "none" and self.device == "cpu":

@@ -331,6 +331,7 @@ class StatusResponse(MonitorStatus):
     max_num_seqs: int
     max_model_len: int
     detail: str | None = None
+    engine: str | None = Field(None, description="what generates: transformers, vllm or mock")
 
 
 class InfoResponse(BaseModel):

@@ -23,7 +23,7 @@ from remote_service.api.protocol import (
 from remote_service.api.serving import utc_now_iso
 from remote_service.engine.base import Engine, EngineState
 from remote_service.gpu import gpu_memory
-from remote_service.metrics import Metrics
+from remote_service.metrics import Metrics, merge_exposition
 from remote_service.settings import Settings
 
 router = APIRouter(tags=["health"])
@@ -116,6 +116,7 @@ async def status(request: Request) -> JSONResponse:
         max_num_seqs=info.max_num_seqs,
         max_model_len=info.max_model_len,
         detail=health.detail,
+        engine=info.backend,
     )
     code = 200 if health.state is EngineState.READY else 503
     return JSONResponse(body.model_dump(mode="json"), status_code=code)
@@ -151,9 +152,12 @@ async def info(request: Request) -> InfoResponse:
 
 @router.get("/metrics", response_class=Response)
 async def metrics(request: Request) -> Response:
-    """Prometheus exposition of the ``asoba:*`` metrics."""
+    """Prometheus exposition of the ``asoba:*`` metrics, then the vLLM child's ``vllm:*`` ones
+    when it runs (without its process/python families, which would repeat ours)."""
     m: Metrics = request.app.state.metrics
-    return Response(m.render(), media_type=m.content_type)
+    ours = m.render()
+    theirs = await _engine(request).extra_metrics()
+    return Response(merge_exposition(ours, theirs), media_type=m.content_type)
 
 
 def _version(pkg: str) -> str:

@@ -171,7 +171,9 @@ class EngineObserver(Protocol):
 
 
 class Engine(ABC):
-    """Serving logic behind the routes. Implementations: TransformersEngine, MockEngine."""
+    """Serving logic behind the routes.
+
+    Implementations: TransformersEngine, VllmEngine, MockEngine."""
 
     @property
     @abstractmethod
@@ -210,6 +212,18 @@ class Engine(ABC):
     @abstractmethod
     def shutdown(self, timeout: float) -> None:
         """Stop taking requests, let running ones finish for up to ``timeout``, then abort."""
+
+    def fatal(self) -> str | None:
+        """Why the process should exit so systemd restarts it (None: it should not). An
+        engine that cannot recover in-process (a child server that died) says so here."""
+        return None
+
+    async def extra_metrics(self) -> bytes:
+        """More Prometheus text to serve after ours on /metrics (a child server's)."""
+        return b""
+
+    async def aclose(self) -> None:  # noqa: B027 - optional: most engines hold nothing
+        """Release what the engine holds in the event loop (called at app shutdown)."""
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         parts: list[str] = []

@@ -49,7 +49,7 @@ def test_status_has_the_monitor_format(client: httpx.Client, live_server: Server
     assert body["port"] == live_server.port
     assert (body["gpu_memory_used"], body["gpu_memory_total"]) == (0, 0)  # no GPU here
     assert body["ram_usage_gb"] > 0 and is_iso(body["timestamp"])
-    assert body["backend"] == "transformers"
+    assert body["backend"] == "transformers" and body["engine"] == "transformers"
     assert (body["device"], body["dtype"], body["quantization"]) == ("cpu", "float32", "none")
     assert body["load_time_s"] > 0 and body["warmup_time_s"] >= 0
     assert body["max_num_seqs"] == 16 and body["max_model_len"] == 2048

@@ -51,9 +51,27 @@ def test_every_field_is_read_from_its_variable(tmp_path: Path) -> None:
         "ASOBA_MAX_CONNECTIONS": "256",
         "ASOBA_CORS_ORIGINS": "https://a.example, https://b.example",
         "ASOBA_API_DOCS": "true",
+        "ASOBA_VLLM_PYTHON": "/opt/vllm/bin/python",
+        "ASOBA_GPU_MEMORY_UTILIZATION": "0.85",
+        "ASOBA_TENSOR_PARALLEL_SIZE": "2",
+        "ASOBA_KV_CACHE_BYTES": "4294967296",
+        "ASOBA_VLLM_ENFORCE_EAGER": "ON",
+        "ASOBA_VLLM_SOCKET": "/run/asoba/vllm.sock",
+        "ASOBA_VLLM_START_TIMEOUT": "600",
     }
     assert sorted(env) == sorted(Settings.env_names())
     s = Settings.from_env(env)
+    assert (s.vllm_python, s.gpu_memory_utilization, s.tensor_parallel_size) == (
+        Path("/opt/vllm/bin/python"),
+        0.85,
+        2,
+    )
+    assert (s.kv_cache_bytes, s.vllm_enforce_eager, s.vllm_start_timeout) == (
+        4 * 1024**3,
+        "on",
+        600,
+    )
+    assert s.vllm_socket == Path("/run/asoba/vllm.sock")
     assert s.model_dir == tmp_path / "qwen3-14b"
     assert s.dtype == "bfloat16"
     assert s.quantization == "bnb-4bit"
@@ -89,7 +107,7 @@ def test_model_name_defaults_to_the_directory_name(tmp_path: Path) -> None:
         ({"ASOBA_BACKEND": "mock", "ASOBA_QUANTIZATION": "gptq"}, "ASOBA_QUANTIZATION: Input"),
         ({"ASOBA_BACKEND": "mock", "ASOBA_DEVICE": "tpu"}, "ASOBA_DEVICE: must be auto, cpu"),
         ({"ASOBA_BACKEND": "mock", "ASOBA_DTYPE": "int3"}, "ASOBA_DTYPE: Input should be"),
-        ({"ASOBA_BACKEND": "vllm"}, "ASOBA_BACKEND: Input should be"),
+        ({"ASOBA_BACKEND": "tgi"}, "ASOBA_BACKEND: Input should be"),
         (
             {"ASOBA_BACKEND": "mock", "ASOBA_DEVICE": "cpu", "ASOBA_QUANTIZATION": "bnb-4bit"},
             "ASOBA_QUANTIZATION=bnb-4bit needs a CUDA GPU",
@@ -112,3 +130,24 @@ def test_unknown_variables_get_a_suggestion() -> None:
     assert "ASOBA_MAX_NUM_SEQ (did you mean ASOBA_MAX_NUM_SEQS?)" in found
     assert any(f.startswith("ASOBA_INFERENCE_PORT") for f in found)
     assert not any(f.startswith("PATH") for f in found)
+
+
+def test_vllm_settings_are_checked() -> None:
+    with pytest.raises(SettingsError) as exc:
+        Settings.from_env({"ASOBA_BACKEND": "vllm", "ASOBA_MODEL_DIR": "/m"})
+    assert exc.value.problems == [
+        "ASOBA_VLLM_PYTHON is required with ASOBA_BACKEND=vllm: the python of the venv vLLM "
+        "is installed in (e.g. /opt/vllm/bin/python)"
+    ]
+    base = {"ASOBA_BACKEND": "vllm", "ASOBA_MODEL_DIR": "/m", "ASOBA_VLLM_PYTHON": "/p"}
+    for name, value in (
+        ("ASOBA_GPU_MEMORY_UTILIZATION", "0"),
+        ("ASOBA_GPU_MEMORY_UTILIZATION", "1.5"),
+        ("ASOBA_TENSOR_PARALLEL_SIZE", "17"),
+        ("ASOBA_VLLM_ENFORCE_EAGER", "sometimes"),
+    ):
+        with pytest.raises(SettingsError) as exc:
+            Settings.from_env({**base, name: value})
+        assert exc.value.problems[0].startswith(name + ":")
+    with pytest.raises(SettingsError, match="ASOBA_MODEL_DIR is required"):
+        Settings.from_env({"ASOBA_BACKEND": "vllm", "ASOBA_VLLM_PYTHON": "/p"})
