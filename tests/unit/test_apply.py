@@ -326,7 +326,7 @@ def test_a_vllm_plan_installs_its_engine_and_renders_the_plans_numbers(
     assert int(env["ASOBA_MAX_NUM_SEQS"]) == vllm.max_num_seqs
     assert int(env["ASOBA_MAX_MODEL_LEN"]) == vllm.max_model_len
     assert int(env["ASOBA_TENSOR_PARALLEL_SIZE"]) == vllm.tensor_parallel_size
-    assert int(env["ASOBA_KV_CACHE_BYTES"]) == vllm.kv_cache_bytes
+    assert "ASOBA_KV_CACHE_BYTES" not in env  # vLLM sizes its cache from its claim on a GPU
     assert env["CUDA_VISIBLE_DEVICES"] == ",".join(map(str, vllm.gpu_indices))
     unit_text = host.read(UNIT_FILE) or ""
     assert "SocketBindAllow=tcp:32768-60999" in unit_text  # its workers' loopback ports
