@@ -127,6 +127,7 @@ class _Run:
     switching: bool = False  # a switch step ran: a failure is rolled back
     status: dict[str, Any] = field(default_factory=dict)
     release: Release | None = None
+    journal: str = ""  # the service's log tail when its health wait failed
 
 
 def _flux_was_enabled(before: Switch) -> bool | None:
@@ -344,14 +345,20 @@ class Deployment:
         timeout = float(step.params.get("timeout_s") or self.settings.service.health_timeout_s)
 
         def wait() -> None:
-            status = wait_healthy(
-                self.executor,
-                self.settings,
-                port=port,
-                model=model,
-                timeout_s=QUICK_HEALTH_S if self._nothing_to_switch() else timeout,
-                on_event=self.report.health,
-            )
+            try:
+                status = wait_healthy(
+                    self.executor,
+                    self.settings,
+                    port=port,
+                    model=model,
+                    timeout_s=QUICK_HEALTH_S if self._nothing_to_switch() else timeout,
+                    on_event=self.report.health,
+                )
+            except DeployError:
+                # The failing service's own log lines, before the walk back restarts the old
+                # one (whose lines would be all a later look finds).
+                self.run_state.journal = journal_tail(self.executor, self.settings)
+                raise
             self.run_state.status.update(status)
 
         return Step(step.name, step.description, wait)
@@ -491,7 +498,7 @@ class Deployment:
             step=failure.step,
             undone=list(failure.undone),
             undo_errors=list(failure.undo_errors),
-            journal=journal_tail(self.executor, self.settings),
+            journal=self.run_state.journal or journal_tail(self.executor, self.settings),
             hint="the service's last log lines are shown above",
         )
 

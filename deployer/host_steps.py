@@ -131,7 +131,9 @@ def wait_healthy(
     reason = {
         "timeout": f"not healthy after {timeout_s:g}s (unit {last.get('unit_state')}, "
         f"health {last.get('health')})",
-        "failed": f"the service crashed while starting (unit {last.get('unit_state')}, "
+        "failed": f"the engine failed while starting: {last['reason']}"
+        if last.get("reason")
+        else f"the service crashed while starting (unit {last.get('unit_state')}, "
         f"restarts {last.get('restarts')})",
         "wrong-model": f"port {port} serves {last.get('serving')!r}, not {model!r}",
     }.get(str(last.get("event")), f"health wait ended with exit {result.exit_code}")

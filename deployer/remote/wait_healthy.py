@@ -12,6 +12,7 @@ is reported at once as a crash loop rather than waited on until the timeout.
 """
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -50,6 +51,17 @@ def unit_state(unit: str) -> tuple[str, int]:
     return f"{props.get('ActiveState', '?')}/{props.get('SubState', '?')}", restarts
 
 
+def engine_reason(health: dict[str, Any]) -> str:
+    """The engine's own last words from a ``/health`` error answer, on one bounded line: the
+    last line of its detail that states an error ("ValueError: ...", "Value error, ..."),
+    else the detail's last line."""
+    detail = str(health.get("detail") or health.get("error") or "the engine failed")
+    lines = [line.strip() for line in detail.splitlines() if line.strip()]
+    stated = [line for line in lines if re.search(r"(Error|Exception|error)[:,] ", line)]
+    line = (stated or lines or ["the engine failed"])[-1]
+    return line if len(line) <= 300 else line[:300] + "..."
+
+
 def emit(event: str, **fields: object) -> None:
     print(json.dumps({"event": event, **fields}), flush=True)
 
@@ -75,7 +87,7 @@ def main() -> int:
             emit(
                 "failed",
                 unit_state="engine error",
-                reason=health.get("error") or health,
+                reason=engine_reason(health),
                 elapsed_s=round(elapsed, 1),
             )
             return 3
