@@ -159,6 +159,9 @@ def plan_vllm(
         eager, reason = False, "ASOBA_VLLM_ENFORCE_EAGER=off"
     elif not cuda and not has_cxx(env_in):
         eager, reason = True, "CPU without a C++ compiler on PATH (inductor needs one)"
+        # --enforce-eager covers the model; vLLM also compiles helpers on first use (the
+        # logprob ranks), which would kill the engine at the first such request.
+        env["TORCHDYNAMO_DISABLE"] = "1"
     else:
         eager, reason = False, "compiled (the default)"
 

@@ -39,7 +39,7 @@ MONITOR_FIELDS = set(MonitorStatus.model_fields)
 
 
 def _vllm_processes(host: SandboxHost) -> str:
-    return host.ssh("pgrep -af vllm.entrypoints || true").stdout.strip()
+    return host.ssh("pgrep -af '[v]llm.entrypoints' || true").stdout.strip()
 
 
 def _service_env(host: SandboxHost) -> dict[str, str]:
@@ -104,7 +104,7 @@ def test_vllm_deploys_answers_rolls_back_and_switches_engines(
     assert env["ASOBA_BACKEND"] == "vllm"
     assert env["ASOBA_VLLM_PYTHON"] == f"{venv}/bin/python"
     assert host.unit_property(UNIT, "User") == "asoba-inference"
-    owners = host.ssh("ps -o user= -p $(pgrep -d, -f vllm.entrypoints)").stdout.split()
+    owners = host.ssh("ps -o user= -p $(pgrep -d, -f '[v]llm.entrypoints')").stdout.split()
     assert owners and set(owners) == {"asoba-inference"}  # the engine runs as the service
 
     state = status(host, PORT)

@@ -459,6 +459,9 @@ def test_plan_on_cpu(tmp_path: Path) -> None:
     assert "--enforce-eager" not in p.argv  # a compiler is there
     no_cxx = plan(tmp_path, cxx=False)
     assert "--enforce-eager" in no_cxx.argv and "C++ compiler" in no_cxx.eager_reason
+    # and nothing is compiled on first use either (the logprob helper would need g++)
+    assert no_cxx.env["TORCHDYNAMO_DISABLE"] == "1"
+    assert "TORCHDYNAMO_DISABLE" not in plan(tmp_path, cxx=True).env
     assert "--enforce-eager" not in plan(tmp_path, cxx=False, vllm_enforce_eager="off").argv
     assert "--enforce-eager" in plan(tmp_path, gpus=1, vllm_enforce_eager="on").argv
 
