@@ -1120,34 +1120,27 @@ def _finish(
     host = settings.host.address or facts.hostname
     endpoints = [f"http://{host}:{port}{p}" for p in ENDPOINT_PATHS] if port else []
     est = cand.estimate
-    if vneed is not None:
-        digest = EstimateDigest(
-            source=est.source,
-            exact=est.exact,
-            parameters=est.parameters,
-            stored_dtype=est.stored_dtype,
-            context_tokens=est.context_tokens,
-            concurrent_seqs=est.concurrent_seqs,
-            weights_bytes=vneed.weights_bytes,
-            kv_cache_bytes=vfit.kv_cache_bytes if vfit else vneed.kv_least_bytes,
-            activation_bytes=vneed.activation_bytes,
-            runtime_bytes=vneed.runtime_bytes,
-            cuda_graph_bytes=vneed.cuda_graph_bytes,
-            kv_cache_tokens=vfit.kv_cache_tokens if vfit else None,
-        )
-    else:
-        digest = EstimateDigest(
-            source=est.source,
-            exact=est.exact,
-            parameters=est.parameters,
-            stored_dtype=est.stored_dtype,
-            context_tokens=est.context_tokens,
-            concurrent_seqs=est.concurrent_seqs,
-            weights_bytes=cand.need.weights_bytes,
-            kv_cache_bytes=cand.need.kv_cache_bytes,
-            activation_bytes=cand.need.activation_bytes,
-            runtime_bytes=cand.need.runtime_bytes,
-        )
+    terms = cand.need if vneed is None else vneed
+    digest = EstimateDigest(
+        source=est.source,
+        exact=est.exact,
+        parameters=est.parameters,
+        stored_dtype=est.stored_dtype,
+        context_tokens=est.context_tokens,
+        concurrent_seqs=est.concurrent_seqs,
+        weights_bytes=terms.weights_bytes,
+        kv_cache_bytes=(
+            cand.need.kv_cache_bytes
+            if vneed is None
+            else vfit.kv_cache_bytes
+            if vfit
+            else vneed.kv_least_bytes
+        ),
+        activation_bytes=terms.activation_bytes,
+        runtime_bytes=terms.runtime_bytes,
+        cuda_graph_bytes=vneed.cuda_graph_bytes if vneed else 0,
+        kv_cache_tokens=vfit.kv_cache_tokens if vneed and vfit else None,
+    )
     plan = Plan(
         model=spec.name,
         revision=spec.revision,
