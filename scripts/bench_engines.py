@@ -7,7 +7,8 @@ server, so a busy neighbour slows all alike):
 - ``transformers``: this checkout's server with its own engine;
 - ``front+vllm``: this checkout's server with ``ASOBA_BACKEND=vllm``: vLLM as its child on a
   unix socket, behind the service's front (API key, limits, /status, /metrics);
-- ``vllm``: the same vLLM called directly on a loopback port.
+- ``vllm``: that same vLLM child called directly on its unix socket (one vLLM process, so
+  the difference between the two is the front alone).
 
 For 1 and ``--streams`` streams x ``--short`` and ``--long`` tokens (streamed greedy
 ``/v1/completions``, EOS ignored): median time to the first token and aggregate completion
@@ -35,15 +36,20 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import REPO, load_demo_builder, print_table
-from bench_engine import MODEL, Server, spread, start_ours, start_vllm, stream
+from bench_engine import MODEL, Server, spread, start_ours, stream
 from bench_server import PROMPT
 
 
-async def one_load(base: str, streams: int, tokens: int) -> tuple[float, float]:
+async def one_load(
+    base: str, streams: int, tokens: int, uds: str | None = None
+) -> tuple[float, float]:
     """(aggregate completion tokens/s, median seconds to the first token) of ``streams``
-    simultaneous streams of ``tokens`` tokens."""
+    simultaneous streams of ``tokens`` tokens (over the unix socket ``uds`` when given)."""
     limits = httpx.Limits(max_connections=streams + 2)
-    async with httpx.AsyncClient(base_url=base, timeout=900, limits=limits) as client:
+    transport = httpx.AsyncHTTPTransport(uds=uds) if uds else None
+    async with httpx.AsyncClient(
+        base_url=base, timeout=900, limits=limits, transport=transport
+    ) as client:
         t0 = time.perf_counter()
         done = await asyncio.gather(*(stream(client, PROMPT, tokens) for _ in range(streams)))
         wall = time.perf_counter() - t0
@@ -68,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
         model_dir = Path(tmp.name) / "demo-tiny"
         load_demo_builder().make_demo_model(model_dir)  # type: ignore[attr-defined]
     servers: list[Server] = []
+    sockets = tempfile.TemporaryDirectory()
+    sock = str(Path(sockets.name) / "vllm.sock")
+    uds = {"vllm": sock}
     loads = [(1, args.short), (1, args.long), (args.streams, args.short)]
     loads.append((args.streams, args.long))
     try:
@@ -79,23 +88,26 @@ def main(argv: list[str] | None = None) -> int:
             "ASOBA_DTYPE": "float32",
             "ASOBA_KV_CACHE_BYTES": str(1 << 30),
             "ASOBA_MAX_MODEL_LEN": "2048",
+            "ASOBA_VLLM_SOCKET": sock,
             "VLLM_CPU_OMP_THREADS_BIND": "0",
         }
-        servers.append(start_ours("front+vllm", REPO, model_dir, front))
-        servers.append(start_vllm(args.vllm_python, model_dir))
+        ours = start_ours("front+vllm", REPO, model_dir, front)
+        servers.append(ours)
+        servers.append(Server("vllm", "http://vllm", ours.proc))  # its child, directly
         for s in servers:  # warm every path once
-            asyncio.run(one_load(s.base, 2, 16))
+            asyncio.run(one_load(s.base, 2, 16, uds.get(s.name)))
         tps: dict[tuple[str, int, int], list[float]] = {}
         ttft: dict[tuple[str, int, int], list[float]] = {}
         for _ in range(args.runs):
             for streams, tokens in loads:
                 for s in servers:
-                    rate, first = asyncio.run(one_load(s.base, streams, tokens))
+                    rate, first = asyncio.run(one_load(s.base, streams, tokens, uds.get(s.name)))
                     tps.setdefault((s.name, streams, tokens), []).append(rate)
                     ttft.setdefault((s.name, streams, tokens), []).append(first)
     finally:
         for s in servers:
             s.stop()
+        sockets.cleanup()
         if tmp is not None:
             tmp.cleanup()
 
