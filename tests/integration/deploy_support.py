@@ -101,6 +101,9 @@ def extra_catalog(tmp_path: Path, **entries: dict) -> Path:
         entry.pop("bootstrap", None)  # their scripts live beside the repository's catalog
     base = {
         "tier": "raw",
+        # The fault tests' stand-ins of the demo model run on the transformers engine, as the
+        # demo does; tests/integration/test_vllm_engine.py asks for vLLM with --engine.
+        "engine": "transformers",
         "precision": "fp32",
         "parameters_b": 0.001,
         "size_gb": 0.004,
