@@ -160,16 +160,11 @@ def install_venv(
     )
     remote_lock = f"{target}/{VENV_LOCK_NAME}"
     _upload(executor, python, lock.read_bytes(), remote_lock, "upload the lock")
-    pip = [f"{target}/bin/python", "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
-    # The lock is complete for what it covers: nothing is resolved here. --ignore-installed:
-    # the venv holds its own copy of every locked package even where the system site-packages
-    # has the same version, so a later change to the host's Python cannot change the service.
-    pip += ["--no-deps", "--only-binary", ":all:", "--ignore-installed"]
-    if settings.install.wheelhouse:
-        pip += ["--no-index", "--find-links", settings.install.wheelhouse]
-    elif settings.install.index_url:
-        pip += ["--index-url", settings.install.index_url]
-    env = {"PIP_ROOT_USER_ACTION": "ignore", "PIP_NO_CACHE_DIR": "1"}
+    # --ignore-installed: the venv holds its own copy of every locked package even where the
+    # system site-packages has the same version, so a later change to the host's Python cannot
+    # change the service.
+    pip = [*_pip_install(settings, target), "--ignore-installed"]
+    env = PIP_ENV
     executor.run(
         [*pip, "--require-hashes", "--requirement", remote_lock],
         sudo=True,
@@ -192,6 +187,21 @@ def install_venv(
     executor.run(["touch", f"{target}/{COMPLETE_MARKER}"], sudo=True)
     executor.run(commands.remove(remote_wheel), sudo=True, check=False)
     return target
+
+
+PIP_ENV = {"PIP_ROOT_USER_ACTION": "ignore", "PIP_NO_CACHE_DIR": "1"}
+
+
+def _pip_install(settings: Settings, venv: str) -> list[str]:
+    """``pip install`` in ``venv`` of exactly what a lock names: nothing is resolved on the
+    host (``--no-deps``, wheels only), offline from the wheelhouse or from the index set."""
+    pip = [f"{venv}/bin/python", "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+    pip += ["--no-deps", "--only-binary", ":all:"]
+    if settings.install.wheelhouse:
+        pip += ["--no-index", "--find-links", settings.install.wheelhouse]
+    elif settings.install.index_url:
+        pip += ["--index-url", settings.install.index_url]
+    return pip
 
 
 def _upload(executor: Executor, python: str, data: bytes, path: str, what: str) -> None:
@@ -245,16 +255,10 @@ def install_engine_venv(
     executor.run([python, "-m", "venv", target], sudo=True, what=f"create the {package} venv")
     remote_lock = f"{target}/{VENV_LOCK_NAME}"
     _upload(executor, python, lock.read_bytes(), remote_lock, f"upload the {package} lock")
-    pip = [f"{target}/bin/python", "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
-    pip += ["--no-deps", "--only-binary", ":all:", "--require-hashes"]
-    if settings.install.wheelhouse:
-        pip += ["--no-index", "--find-links", settings.install.wheelhouse]
-    elif settings.install.index_url:
-        pip += ["--index-url", settings.install.index_url]
     executor.run(
-        [*pip, "--requirement", remote_lock],
+        [*_pip_install(settings, target), "--require-hashes", "--requirement", remote_lock],
         sudo=True,
-        env={"PIP_ROOT_USER_ACTION": "ignore", "PIP_NO_CACHE_DIR": "1"},
+        env=PIP_ENV,
         timeout=timeout,
         what=f"install the locked {package} engine into its venv",
     )
