@@ -86,7 +86,10 @@ def start_ours(name: str, checkout: Path, model_dir: Path, env_extra: dict[str, 
 def start_vllm(python: str, model_dir: Path) -> Server:
     port = free_port()
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
-    env["VLLM_CPU_OMP_THREADS_BIND"] = "0" if THREADS == 1 else f"0-{THREADS - 1}"
+    # As the service runs it on CPU (remote_service/engine/vllm_child.py): the model in the
+    # engine process, its compute threads set by OMP_NUM_THREADS.
+    env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    env["OMP_NUM_THREADS"] = str(THREADS)
     proc = subprocess.Popen(
         [
             python,
@@ -100,6 +103,8 @@ def start_vllm(python: str, model_dir: Path) -> Server:
             "float32",  # as the transformers engine runs on CPU
             "--max-num-seqs",
             "16",
+            "--distributed-executor-backend",
+            "uni",
             "--host",
             "127.0.0.1",
             "--port",

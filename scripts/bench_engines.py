@@ -89,7 +89,6 @@ def main(argv: list[str] | None = None) -> int:
             "ASOBA_KV_CACHE_BYTES": str(1 << 30),
             "ASOBA_MAX_MODEL_LEN": "2048",
             "ASOBA_VLLM_SOCKET": sock,
-            "VLLM_CPU_OMP_THREADS_BIND": "0",
         }
         ours = start_ours("front+vllm", REPO, model_dir, front)
         servers.append(ours)

@@ -94,12 +94,17 @@ def default_socket(environ: Mapping[str, str]) -> tuple[Path, bool]:
     return Path(tempfile.mkdtemp(prefix="asoba-vllm-")) / "vllm.sock", True
 
 
+def _usable_cpus() -> int:
+    return len(os.sched_getaffinity(0))
+
+
 def plan_vllm(
     settings: Settings,
     environ: Mapping[str, str] | None = None,
     *,
     gpu_count: Callable[[], int] = _gpu_count,
     has_cxx: Callable[[Mapping[str, str]], bool] = _has_cxx,
+    usable_cpus: Callable[[], int] = _usable_cpus,
     make_socket: bool = True,
 ) -> VllmPlan:
     """The child's command line for ``settings`` on this host; :class:`EngineLoadError`
@@ -217,6 +222,19 @@ def plan_vllm(
             notes.append("ASOBA_GPU_MEMORY_UTILIZATION is ignored on CPU")
         if settings.kv_cache_bytes is not None:
             env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, math.ceil(settings.kv_cache_bytes / GIB)))
+        # The model runs in vLLM's engine process, not in a worker process of its own. With
+        # the worker apart (what the CPU build picks), the engine's main thread waits for
+        # each step by spinning on shared memory, giving up the GIL only for an instant at a
+        # time, and the engine's threads that take requests in and send tokens out barely
+        # get it: measured on 2 cores, 16 simultaneous requests ran one after another and
+        # every token of a stream reached the client at its end (docs/benchmarks.md).
+        # On CPU there is only one worker (tensor parallelism is refused above).
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        argv += ["--distributed-executor-backend", "uni"]
+        if "OMP_NUM_THREADS" not in env_in:
+            # Compute threads on all CPUs but one: that one is for the Python event loops
+            # (this front, vLLM's API server, the engine's I/O threads).
+            env["OMP_NUM_THREADS"] = str(max(1, usable_cpus() - 1))
     if settings.quantization == "bnb-4bit":
         argv += ["--quantization", "bitsandbytes"]
     if eager:

@@ -49,6 +49,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--kv-cache-memory-bytes", type=int)
     p.add_argument("--quantization")
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--distributed-executor-backend", choices=["uni", "mp", "ray"])
     p.add_argument("--disable-uvicorn-access-log", action="store_true")
     args = p.parse_args(argv)
     assert args.module == "vllm.entrypoints.openai.api_server", args.module

@@ -427,7 +427,15 @@ def test_config_errors_exit_2_with_one_line(tmp_path: Path, env: dict[str, str],
 # --- the plan: argv and environment for each host --------------------------------------------
 
 
-def plan(tmp_path: Path, *, gpus: int = 0, cxx: bool = True, **kw: Any) -> Any:
+def plan(
+    tmp_path: Path,
+    *,
+    gpus: int = 0,
+    cxx: bool = True,
+    environ: dict[str, str] | None = None,
+    cpus: int = 4,
+    **kw: Any,
+) -> Any:
     kw.setdefault("vllm_socket", tmp_path / "s.sock")
     settings = Settings(
         backend="vllm",
@@ -436,7 +444,13 @@ def plan(tmp_path: Path, *, gpus: int = 0, cxx: bool = True, **kw: Any) -> Any:
         model_name="m",
         **kw,
     )
-    return plan_vllm(settings, {"PATH": "/usr/bin"}, gpu_count=lambda: gpus, has_cxx=lambda _: cxx)
+    return plan_vllm(
+        settings,
+        {"PATH": "/usr/bin", **(environ or {})},
+        gpu_count=lambda: gpus,
+        has_cxx=lambda _: cxx,
+        usable_cpus=lambda: cpus,
+    )
 
 
 def test_plan_on_cuda_passes_gpu_memory_and_kv_bytes(tmp_path: Path) -> None:
@@ -447,6 +461,9 @@ def test_plan_on_cuda_passes_gpu_memory_and_kv_bytes(tmp_path: Path) -> None:
     assert "VLLM_CPU_KVCACHE_SPACE" not in p.env
     assert "--enforce-eager" not in p.argv  # auto: compiled on CUDA
     assert "--max-model-len" not in p.argv  # vLLM takes the model's own
+    # vLLM's own executor choice and thread count on CUDA
+    assert "--distributed-executor-backend" not in p.argv
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in p.env and "OMP_NUM_THREADS" not in p.env
 
 
 def test_plan_on_cpu(tmp_path: Path) -> None:
@@ -464,6 +481,16 @@ def test_plan_on_cpu(tmp_path: Path) -> None:
     assert "TORCHDYNAMO_DISABLE" not in plan(tmp_path, cxx=True).env
     assert "--enforce-eager" not in plan(tmp_path, cxx=False, vllm_enforce_eager="off").argv
     assert "--enforce-eager" in plan(tmp_path, gpus=1, vllm_enforce_eager="on").argv
+
+
+def test_plan_on_cpu_runs_the_model_in_the_engine_process(tmp_path: Path) -> None:
+    p = plan(tmp_path, cpus=4)
+    assert p.argv[p.argv.index("--distributed-executor-backend") + 1] == "uni"
+    assert p.env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    assert p.env["OMP_NUM_THREADS"] == "3"  # one CPU left to the event loops
+    assert plan(tmp_path, cpus=1).env["OMP_NUM_THREADS"] == "1"
+    # a thread count the unit or the operator set is theirs
+    assert "OMP_NUM_THREADS" not in plan(tmp_path, environ={"OMP_NUM_THREADS": "8"}).env
 
 
 def test_plan_devices_and_quantization(tmp_path: Path) -> None:
