@@ -83,13 +83,17 @@ def start_ours(name: str, checkout: Path, model_dir: Path, env_extra: dict[str, 
     return Server(name, f"http://127.0.0.1:{port}", proc)
 
 
-def start_vllm(python: str, model_dir: Path) -> Server:
+def start_vllm(python: str, model_dir: Path, *, eager: bool = False) -> Server:
     port = free_port()
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
     # As the service runs it on CPU (remote_service/engine/vllm_child.py): the model in the
     # engine process, its compute threads set by OMP_NUM_THREADS.
     env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     env["OMP_NUM_THREADS"] = str(THREADS)
+    extra = []
+    if eager:  # as on a host without a C++ compiler (the sandbox): no inductor at all
+        env["TORCHDYNAMO_DISABLE"] = "1"
+        extra.append("--enforce-eager")
     proc = subprocess.Popen(
         [
             python,
@@ -109,6 +113,7 @@ def start_vllm(python: str, model_dir: Path) -> Server:
             "127.0.0.1",
             "--port",
             str(port),
+            *extra,
         ],
         env=env,
         stdout=subprocess.DEVNULL,
@@ -116,7 +121,7 @@ def start_vllm(python: str, model_dir: Path) -> Server:
     )
     base = f"http://127.0.0.1:{port}"
     wait_ready(proc, base + "/v1/models", 600, poll_s=0.5)
-    return Server("vllm", base, proc)
+    return Server("vllm eager" if eager else "vllm", base, proc)
 
 
 # --- clients ---------------------------------------------------------------------------------
@@ -199,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-dir", type=Path, help="checkpoint (default: build demo-tiny)")
     parser.add_argument("--before", type=Path, help="a checkout whose server is 'before'")
     parser.add_argument("--vllm-python", help="python of an environment with vllm installed")
+    parser.add_argument(
+        "--vllm-eager", action="store_true", help="also vLLM with --enforce-eager, as 'vllm eager'"
+    )
     parser.add_argument("--streams", type=int, default=16)
     parser.add_argument("--short", type=int, default=128, help="tokens per stream, short run")
     parser.add_argument("--long", type=int, default=960, help="tokens per stream, long run")
@@ -238,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
             servers.append(start_ours(f"after (chunk {c})", REPO, model_dir, env))
         if args.vllm_python:
             servers.append(start_vllm(args.vllm_python, model_dir))
+            if args.vllm_eager:
+                servers.append(start_vllm(args.vllm_python, model_dir, eager=True))
         for s in servers:  # warm every path once
             asyncio.run(aggregate(s.base, 2, 16))
         rows = run_all(args, skip, servers, model_dir)
@@ -278,18 +288,18 @@ def run_all(
                     f"({spread(ratios)}) of {n}x{args.short}",
                 )
             )
-        if "vllm" in names:
-            for k in (x for x in names if x != "vllm"):
-                ratios = [a / b for a, b in zip(long[k], long["vllm"], strict=True)]
+        for v in (x for x in names if x.startswith("vllm")):
+            for k in (x for x in names if not x.startswith("vllm")):
+                ratios = [a / b for a, b in zip(long[k], long[v], strict=True)]
                 rows.append(
                     (
-                        f"{k} against vllm, {n} x {args.long}",
+                        f"{k} against {v}, {n} x {args.long}",
                         f"{statistics.median(long[k]):.0f} vs "
-                        f"{statistics.median(long['vllm']):.0f} tok/s",
-                        f"{statistics.median(ratios):.2f}x ({spread(ratios)}) of vllm",
+                        f"{statistics.median(long[v]):.0f} tok/s",
+                        f"{statistics.median(ratios):.2f}x ({spread(ratios)}) of {v}",
                     )
                 )
-    ours = [s for s in servers if s.name != "vllm"]
+    ours = [s for s in servers if not s.name.startswith("vllm")]
     if "single" not in skip:
         import torch
 
