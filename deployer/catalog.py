@@ -23,6 +23,7 @@ MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 S3_PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,255}/$")
 SCRIPT_RE = re.compile(r"^[A-Za-z0-9._][A-Za-z0-9._/-]{0,254}$")
 BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+TOOL_PARSER_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 DEFAULT_CATALOG = Path(__file__).resolve().parent.parent / "catalog.yaml"
 
 
@@ -90,6 +91,9 @@ class ModelSpec(BaseModel):
     revision: str | None = None
     # auto: the policy's engine decides (``[policy] engine``); vllm | transformers pin it.
     engine: EngineChoice = "auto"
+    # vLLM's parser for this model's tool calls (``--tool-call-parser``: hermes for Qwen and
+    # other ChatML models, llama3_json, mistral, ...): tools and tool_choice on /v1 need one.
+    tool_call_parser: str | None = None
 
     @field_validator("name")
     @classmethod
@@ -104,6 +108,13 @@ class ModelSpec(BaseModel):
     def _prefix(cls, value: str) -> str:
         if not S3_PREFIX_RE.fullmatch(value) or ".." in value or "//" in value:
             raise ValueError("must look like 'models/<name>/' (letters, digits, ._-/, ending '/')")
+        return value
+
+    @field_validator("tool_call_parser")
+    @classmethod
+    def _tool_parser(cls, value: str | None) -> str | None:
+        if value is not None and not TOOL_PARSER_RE.fullmatch(value):
+            raise ValueError("must be a vLLM parser name: lower-case letters, digits, '_', '-'")
         return value
 
     @field_validator("revision")

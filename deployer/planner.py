@@ -191,6 +191,7 @@ class VllmSpec(_Data):
     # The least KV cache the plan is for (max_num_seqs whole sequences of max_model_len): what a
     # CPU build, whose cache is host RAM sized by the service, is given.
     kv_least_bytes: int
+    tool_call_parser: str | None = None  # the catalog's; tools on /v1 need it
 
 
 class ServiceSpec(_Data):
@@ -1099,6 +1100,7 @@ def _finish(
                 kv_least_bytes=vneed.kv_least_bytes,
                 gpu_indices=placed.gpu_indices,
                 kv_cache_bytes=vfit.kv_cache_bytes,
+                tool_call_parser=weights_spec.tool_call_parser or spec.tool_call_parser,
             )
         service = ServiceSpec(
             unit=remote.service_name,

@@ -75,6 +75,7 @@ SERVER_ENV: dict[str, str] = {
     "gpu_memory_utilization": "ASOBA_GPU_MEMORY_UTILIZATION",
     "tensor_parallel_size": "ASOBA_TENSOR_PARALLEL_SIZE",
     "kv_cache_bytes": "ASOBA_KV_CACHE_BYTES",
+    "vllm_tool_call_parser": "ASOBA_VLLM_TOOL_CALL_PARSER",
 }
 #: The engines the server runs (ASOBA_BACKEND).
 ENGINES = ("transformers", "vllm")
@@ -128,6 +129,7 @@ class ServiceEnv:
     gpu_memory_utilization: float | None = None
     tensor_parallel_size: int | None = None
     kv_cache_bytes: int | None = None
+    vllm_tool_call_parser: str | None = None
     extra: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -168,6 +170,7 @@ class ServiceEnv:
             "gpu_memory_utilization": self.gpu_memory_utilization,
             "tensor_parallel_size": self.tensor_parallel_size,
             "kv_cache_bytes": self.kv_cache_bytes,
+            "vllm_tool_call_parser": self.vllm_tool_call_parser,
         }
         out: dict[str, str | Secret] = {}
         for name, value in values.items():

@@ -107,6 +107,11 @@ class Settings(BaseModel):
     vllm_socket: Path | None = Field(
         None, description="vllm: the child's unix socket (default: $RUNTIME_DIRECTORY/vllm.sock)"
     )
+    vllm_tool_call_parser: str | None = Field(
+        None,
+        pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$",
+        description="vllm: the model's tool-call parser (tools and tool_choice need one)",
+    )
     vllm_start_timeout: float = Field(
         900.0, gt=0, le=86_400, description="vllm: seconds the child has to become ready"
     )

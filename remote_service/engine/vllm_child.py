@@ -237,6 +237,8 @@ def plan_vllm(
             env["OMP_NUM_THREADS"] = str(max(1, usable_cpus() - 1))
     if settings.quantization == "bnb-4bit":
         argv += ["--quantization", "bitsandbytes"]
+    if settings.vllm_tool_call_parser is not None:
+        argv += ["--enable-auto-tool-choice", "--tool-call-parser", settings.vllm_tool_call_parser]
     if eager:
         argv.append("--enforce-eager")
     return VllmPlan(

@@ -139,6 +139,44 @@ def test_vllm_deploys_answers_rolls_back_and_switches_engines(
             pieces.append(chunk.choices[0].delta.content)
     assert len(pieces) > 1  # streamed as it was made, not in one piece
 
+    listed = client.completions.create(
+        model="demo-tiny", prompt=["Hello", "World"], max_tokens=4, temperature=0
+    )
+    assert sorted(c.index for c in listed.choices) == [0, 1]  # one choice per prompt
+
+    # Structured output: the random model can only say what the schema allows.
+    picked = client.chat.completions.create(
+        model="demo-tiny",
+        messages=[{"role": "user", "content": "Pick a colour"}],
+        max_tokens=16,
+        temperature=0,
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": "pick", "schema": {"enum": ["red", "blue"]}},
+        },
+    )
+    assert json.loads(picked.choices[0].message.content or "") in ("red", "blue")
+
+    # Tools: the catalog's tool_call_parser (hermes) is passed, so vLLM takes tool_choice.
+    called = client.chat.completions.create(
+        model="demo-tiny",
+        messages=[{"role": "user", "content": "Weather?"}],
+        max_tokens=200,
+        temperature=0,
+        tools=[
+            {
+                "type": "function",
+                "function": {
+                    "name": "get_weather",
+                    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+                },
+            }
+        ],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+    )
+    calls = called.choices[0].message.tool_calls or []
+    assert [c.function.name for c in calls if c.type == "function"] == ["get_weather"]
+
     generated = httpx.post(
         host.url(PORT, "/generate"), json={"prompt": "Hello", "max_tokens": 4}, timeout=120
     )

@@ -50,6 +50,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--quantization")
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--distributed-executor-backend", choices=["uni", "mp", "ray"])
+    p.add_argument("--enable-auto-tool-choice", action="store_true")
+    p.add_argument("--tool-call-parser")
     p.add_argument("--disable-uvicorn-access-log", action="store_true")
     args = p.parse_args(argv)
     assert args.module == "vllm.entrypoints.openai.api_server", args.module

@@ -513,6 +513,15 @@ def test_plan_devices_and_quantization(tmp_path: Path) -> None:
         plan(tmp_path, vllm_socket=tmp_path / ("x" * 120))
 
 
+def test_plan_passes_the_models_tool_call_parser(tmp_path: Path) -> None:
+    argv = plan(tmp_path, gpus=1, vllm_tool_call_parser="hermes").argv
+    assert "--enable-auto-tool-choice" in argv
+    assert argv[argv.index("--tool-call-parser") + 1] == "hermes"
+    assert "--tool-call-parser" not in plan(tmp_path).argv  # none: vLLM refuses tool_choice
+    with pytest.raises(ValueError, match="vllm_tool_call_parser"):
+        Settings(vllm_tool_call_parser="hermes --trust-remote-code")
+
+
 def test_default_socket_is_in_the_runtime_directory(tmp_path: Path) -> None:
     settings = Settings(
         backend="vllm", vllm_python=fake_python(tmp_path), model_dir=model_dir(tmp_path)

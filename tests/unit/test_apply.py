@@ -327,6 +327,7 @@ def test_a_vllm_plan_installs_its_engine_and_renders_the_plans_numbers(
     assert int(env["ASOBA_MAX_MODEL_LEN"]) == vllm.max_model_len
     assert int(env["ASOBA_TENSOR_PARALLEL_SIZE"]) == vllm.tensor_parallel_size
     assert "ASOBA_KV_CACHE_BYTES" not in env  # vLLM sizes its cache from its claim on a GPU
+    assert env["ASOBA_VLLM_TOOL_CALL_PARSER"] == CATALOG.get("demo-tiny").tool_call_parser
     assert env["CUDA_VISIBLE_DEVICES"] == ",".join(map(str, vllm.gpu_indices))
     unit_text = host.read(UNIT_FILE) or ""
     assert "SocketBindAllow=tcp:32768-60999" in unit_text  # its workers' loopback ports

@@ -86,6 +86,8 @@ def test_unknown_model_suggests_close_names() -> None:
         (base_entry(awq_variant="nope"), r"models\.m\.awq_variant: no model 'nope'"),
         (base_entry(format="awq"), r"models\.m: .*precision 'int4'"),
         (base_entry(context_length=12), r"models\.m\.context_length"),
+        (base_entry(tool_call_parser="hermes --x"), r"models\.m\.tool_call_parser: .*parser"),
+        (base_entry(tool_call_parser="$(id)"), r"models\.m\.tool_call_parser"),
     ],
 )
 def test_malformed_entries_are_rejected_naming_entry_and_field(

@@ -377,6 +377,7 @@ def test_service_spec_for_apply() -> None:
             # 4 sequences x 4096 tokens (256 whole blocks each) x Qwen3-14B's K and V per token
             # (40 layers x 8 KV heads x 128 x 2 x 2 bytes)
             "kv_least_bytes": 4 * 4096 * 40 * 8 * 128 * 2 * 2,
+            "tool_call_parser": "hermes",  # the catalog's, for tools on /v1
         },
     }
     assert p.service.vllm is not None and p.service.vllm.kv_cache_bytes > 10 * GB
