@@ -87,7 +87,7 @@ async def status(request: Request) -> JSONResponse:
     settings: Settings = request.app.state.settings
     engine = _engine(request)
     health = engine.health()
-    info, stats = engine.info, engine.stats()
+    info, stats = engine.info, await engine.current_stats()
     gpu = gpu_memory()
     vm = psutil.virtual_memory()
     body = StatusResponse(

@@ -218,6 +218,11 @@ class Engine(ABC):
         engine that cannot recover in-process (a child server that died) says so here."""
         return None
 
+    async def current_stats(self) -> EngineStats:
+        """:meth:`stats` as of now, for ``/status``; an engine whose figures live elsewhere
+        (a child server) fetches them here."""
+        return self.stats()
+
     async def extra_metrics(self) -> bytes:
         """More Prometheus text to serve after ours on /metrics (a child server's)."""
         return b""

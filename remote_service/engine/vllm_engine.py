@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import threading
@@ -26,6 +27,7 @@ from dataclasses import replace
 from typing import Any
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from remote_service.engine.base import (
     Delta,
@@ -49,6 +51,7 @@ from remote_service.engine.vllm_child import (
 from remote_service.settings import Settings
 
 log = logging.getLogger(__name__)
+_RATE_WINDOW_S = 60.0  # how far back /status's tokens_per_s looks
 
 BASE_URL = "http://vllm"  # the host part is ignored over a unix socket
 _POLL_S = 0.5
@@ -78,6 +81,8 @@ class VllmEngine(Engine):
         self._lock = threading.Condition()
         self._running = 0
         self._finished = 0
+        # (monotonic time, vLLM's generated-token counter) at earlier /status calls
+        self._token_samples: collections.deque[tuple[float, float]] = collections.deque(maxlen=256)
         self._stop_lock = threading.Lock()
         self._stopped = False
         self._client: httpx.Client | None = None
@@ -344,6 +349,29 @@ class VllmEngine(Engine):
             raise _upstream_error(response.status_code, content)
         return _CompletionDeltas(response, self.end)
 
+    async def current_stats(self) -> EngineStats:
+        """The front's request counts with vLLM's own queue and token figures from its
+        /metrics: ``tokens_generated`` is its counter, ``tokens_per_s`` that counter's rate
+        over the /status calls of the last minute (0 at the first). Only the front's figures
+        when the child does not answer."""
+        base = self.stats()
+        figures = child_figures(await self.extra_metrics())
+        if figures is None:
+            return base
+        waiting, tokens = figures
+        now = time.monotonic()
+        with self._lock:
+            samples = self._token_samples
+            while samples and (now - samples[0][0] > _RATE_WINDOW_S or samples[0][1] > tokens):
+                samples.popleft()  # too old, or the counter went back (a new child)
+            rate = 0.0
+            if samples and now > samples[0][0]:
+                rate = (tokens - samples[0][1]) / (now - samples[0][0])
+            samples.append((now, tokens))
+        return replace(
+            base, waiting=int(waiting), tokens_generated=int(tokens), tokens_per_s=round(rate, 1)
+        )
+
     async def extra_metrics(self) -> bytes:
         """The child's /metrics text (empty when it does not answer within a second)."""
         if self._child is None or self._child.returncode() is not None:
@@ -460,3 +488,21 @@ def _upstream_error(status: int, content: bytes) -> UpstreamError:
     except (ValueError, AttributeError):
         pass
     return UpstreamError(status, message, type_ if isinstance(type_, str) else None)
+
+
+def child_figures(text: bytes) -> tuple[float, float] | None:
+    """(requests waiting, tokens generated) from vLLM's /metrics text, summed over its
+    engines; None when there is no text or it does not parse."""
+    if not text:
+        return None
+    waiting = tokens = 0.0
+    try:
+        for family in text_string_to_metric_families(text.decode("utf-8", "replace")):
+            for sample in family.samples:
+                if sample.name == "vllm:num_requests_waiting":
+                    waiting += sample.value
+                elif sample.name == "vllm:generation_tokens_total":
+                    tokens += sample.value
+    except ValueError:
+        return None
+    return waiting, tokens

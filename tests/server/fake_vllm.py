@@ -70,6 +70,7 @@ def make_app(args: argparse.Namespace) -> FastAPI:
     ready_after = float(os.environ.get("FAKE_VLLM_READY_DELAY", "0"))
     delay = float(os.environ.get("FAKE_VLLM_TOKEN_DELAY", "0.01"))
     name = args.served_model_name
+    made = [0]  # tokens generated, as vLLM counts them
 
     @app.get("/health")
     async def health() -> PlainTextResponse:
@@ -103,6 +104,12 @@ def make_app(args: argparse.Namespace) -> FastAPI:
             "# HELP vllm:num_requests_running Number of requests in model execution batches.\n"
             "# TYPE vllm:num_requests_running gauge\n"
             f'vllm:num_requests_running{{model_name="{name}"}} 0.0\n'
+            "# HELP vllm:num_requests_waiting Number of requests waiting to be processed.\n"
+            "# TYPE vllm:num_requests_waiting gauge\n"
+            f'vllm:num_requests_waiting{{engine="0",model_name="{name}"}} 2.0\n'
+            "# HELP vllm:generation_tokens_total Number of generation tokens processed.\n"
+            "# TYPE vllm:generation_tokens_total counter\n"
+            f'vllm:generation_tokens_total{{engine="0",model_name="{name}"}} {float(made[0])}\n'
         )
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
@@ -115,6 +122,7 @@ def make_app(args: argparse.Namespace) -> FastAPI:
     async def words(n: int, rid: str) -> AsyncIterator[str]:
         for i in range(n):
             await asyncio.sleep(delay)
+            made[0] += 1
             yield f" t{i}"
 
     @app.post("/v1/completions", response_model=None)

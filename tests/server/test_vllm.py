@@ -326,6 +326,16 @@ def test_status_keeps_the_monitors_shape_and_names_the_engine(client: httpx.Clie
     assert info["versions"]["vllm"] == "0.0-fake"
 
 
+def test_status_counts_the_tokens_vllm_made(client: httpx.Client) -> None:
+    before = client.get("/status").json()
+    r = client.post("/v1/completions", json={"prompt": "a b", "max_tokens": 6})
+    assert r.status_code == 200
+    after = client.get("/status").json()
+    assert after["tokens_generated"] == before["tokens_generated"] + 6  # vLLM's own counter
+    assert after["tokens_per_s"] > 0  # its rate since the earlier call
+    assert after["requests_waiting"] == 2  # vLLM's queue (the fake says 2)
+
+
 def test_metrics_are_ours_then_the_childs_without_duplicate_families(
     client: httpx.Client,
 ) -> None:
