@@ -92,6 +92,9 @@ def render_plan(plan: Plan, console: Console, *, dry_run: bool = True) -> None:
     engine.append(f"  {plan.engine_reason}", style="dim")
     head.add_row("engine", engine)
     vllm = plan.service.vllm if plan.service else None
+    if vllm is not None:
+        parser = vllm.tool_call_parser
+        head.add_row("tool calls", f"{parser} parser" if parser else "off (no tool_call_parser)")
     if plan.gpu_name is not None:
         if vllm is not None and vllm.tensor_parallel_size > 1:
             gpus = ",".join(str(i) for i in vllm.gpu_indices)

@@ -525,6 +525,9 @@ def test_engine_flag_reaches_the_plan_and_its_json(host: Host) -> None:
     shown = run("deepseek-r1-8b", "--dry-run").stdout
     for text in ("engine", "vllm: 16-bit checkpoint (auto)", "vLLM GPU memory", "claim"):
         assert text in shown, text
+    assert "off (no tool_call_parser)" in shown  # the catalog names none for it
+    assert data["service"]["vllm"]["tool_call_parser"] == "hermes"  # demo-tiny's
+    assert "hermes parser" in run("demo-tiny", "--engine", "vllm", "--dry-run").stdout
 
 
 def test_a_bad_engine_is_clicks_one_line_error(host: Host) -> None:
