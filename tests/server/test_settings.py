@@ -58,6 +58,7 @@ def test_every_field_is_read_from_its_variable(tmp_path: Path) -> None:
         "ASOBA_VLLM_ENFORCE_EAGER": "ON",
         "ASOBA_VLLM_SOCKET": "/run/asoba/vllm.sock",
         "ASOBA_VLLM_START_TIMEOUT": "600",
+        "ASOBA_VLLM_TOOL_CALL_PARSER": "hermes",
     }
     assert sorted(env) == sorted(Settings.env_names())
     s = Settings.from_env(env)
@@ -72,6 +73,7 @@ def test_every_field_is_read_from_its_variable(tmp_path: Path) -> None:
         600,
     )
     assert s.vllm_socket == Path("/run/asoba/vllm.sock")
+    assert s.vllm_tool_call_parser == "hermes"
     assert s.model_dir == tmp_path / "qwen3-14b"
     assert s.dtype == "bfloat16"
     assert s.quantization == "bnb-4bit"
