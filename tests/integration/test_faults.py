@@ -87,8 +87,10 @@ def assert_clean_failure(result: subprocess.CompletedProcess[str]) -> None:
 # Points where the deploy's SSH connection is killed while idle: before a step's first remote
 # command ("start:") or right after a step ("done:"). Replace mode, so Flux is stopped on the
 # way. The connection is reopened (the host key verified again) and the deploy completes.
-FAST_CUTS = ["start:pull-weights", "start:stop-flux"]
+# An SSH cut around the pull is in make test already (test_apply.py: during the pull).
+FAST_CUTS = ["start:stop-flux"]
 ALL_CUTS = [
+    "start:pull-weights",
     "start:lock",
     "start:re-inspect",
     "start:install-venv",
