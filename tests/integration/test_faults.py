@@ -322,6 +322,8 @@ def test_truncated_weights_in_s3_are_refused_before_anything_switches(
     assert listing and all(name.startswith(".") for name in listing), listing
 
 
+# In chaos for make test's time: the pull's read timeout and resume are also test_pull_s3.py's.
+@pytest.mark.chaos
 def test_a_stalled_s3_endpoint_fails_the_pull_and_the_next_run_resumes(
     host: SandboxHost, demo_dir: Path, tmp_path: Path
 ) -> None:
@@ -414,6 +416,8 @@ def test_after_a_reboot_only_our_service_runs_in_place_of_flux(
     assert host.unit_property(FLUX, "ActiveState") == "active"
 
 
+# In chaos for make test's time: the pull's disk check is also test_pull_s3.py's.
+@pytest.mark.chaos
 def test_the_disk_fills_before_the_pull_and_the_next_run_converges(host: SandboxHost) -> None:
     """The plan saw room; by the time the pull starts another process has filled the disk.
     The pull refuses (it checks and preallocates every file before fetching, so a disk that
