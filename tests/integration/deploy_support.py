@@ -87,11 +87,14 @@ def reset_keeping_venvs(sandbox: SandboxHost) -> None:
 
 @pytest.fixture
 def host(sandbox: SandboxHost, demo_dir: Path) -> Iterator[SandboxHost]:
-    """A pristine host (but for cached venvs) with the demo model in S3."""
+    """A pristine host (but for cached venvs) with the demo model in S3.
+
+    The teardown keeps the venvs too: a full reset there would leave the next test nothing to
+    keep, and every test would build the service venv again (about half a minute each)."""
     reset_keeping_venvs(sandbox)
     upload(sandbox, demo_dir, "models/demo-tiny/")
     yield sandbox
-    sandbox.reset()
+    reset_keeping_venvs(sandbox)
 
 
 def extra_catalog(tmp_path: Path, **entries: dict) -> Path:
