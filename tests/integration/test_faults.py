@@ -87,10 +87,8 @@ def assert_clean_failure(result: subprocess.CompletedProcess[str]) -> None:
 # Points where the deploy's SSH connection is killed while idle: before a step's first remote
 # command ("start:") or right after a step ("done:"). Replace mode, so Flux is stopped on the
 # way. The connection is reopened (the host key verified again) and the deploy completes.
-# An SSH cut around the pull is in make test already (test_apply.py: during the pull).
-FAST_CUTS = ["start:stop-flux"]
+FAST_CUTS = ["start:pull-weights", "start:stop-flux"]
 ALL_CUTS = [
-    "start:pull-weights",
     "start:lock",
     "start:re-inspect",
     "start:install-venv",
@@ -322,8 +320,6 @@ def test_truncated_weights_in_s3_are_refused_before_anything_switches(
     assert listing and all(name.startswith(".") for name in listing), listing
 
 
-# In chaos for make test's time: the pull's read timeout and resume are also test_pull_s3.py's.
-@pytest.mark.chaos
 def test_a_stalled_s3_endpoint_fails_the_pull_and_the_next_run_resumes(
     host: SandboxHost, demo_dir: Path, tmp_path: Path
 ) -> None:
@@ -416,8 +412,6 @@ def test_after_a_reboot_only_our_service_runs_in_place_of_flux(
     assert host.unit_property(FLUX, "ActiveState") == "active"
 
 
-# In chaos for make test's time: the pull's disk check is also test_pull_s3.py's.
-@pytest.mark.chaos
 def test_the_disk_fills_before_the_pull_and_the_next_run_converges(host: SandboxHost) -> None:
     """The plan saw room; by the time the pull starts another process has filled the disk.
     The pull refuses (it checks and preallocates every file before fetching, so a disk that
