@@ -22,6 +22,7 @@ from rich.text import Text
 from .apply import ApplyResult
 from .operations import ModelOnDisk, ServiceStatus
 from .pull import PullEvent, PullFailed, PullProgress, PullResult, PullStarted, PullWarning
+from .venvs import VenvOnDisk
 
 
 def _size(n: float) -> str:
@@ -223,5 +224,25 @@ def render_models(found: list[ModelOnDisk], console: Console) -> None:
         )
     console.print(table)
     prunable = sum(m.size_bytes for m in found if not (m.live or m.kept))
+    if prunable:
+        console.print(f"--prune would free {_size(prunable)}")
+
+
+def render_venvs(found: list[VenvOnDisk], console: Console) -> None:
+    """The host's service and engine venvs: which the live or a kept release needs, which
+    ``--prune`` would delete."""
+    if not found:
+        console.print("no venvs on the host")
+        return
+    table = Table(box=None, pad_edge=False)
+    for column in ("kind", "venv", "size", "needed by", "path"):
+        table.add_column(column)
+    for venv in found:
+        needed = "live" if venv.live else "kept release" if venv.kept else "nothing (prunable)"
+        if not venv.complete:
+            needed += ", half-built"
+        table.add_row(venv.kind, Text(venv.name), _size(venv.size_bytes), needed, Text(venv.path))
+    console.print(table)
+    prunable = sum(v.size_bytes for v in found if v.prunable)
     if prunable:
         console.print(f"--prune would free {_size(prunable)}")

@@ -7,6 +7,7 @@
     model-deployer flux start|stop|status     the resident Flux service
     model-deployer audit [-n 20]              the host's audit log
     model-deployer models [--prune]           model revisions on the host's disk
+    model-deployer venvs [--prune]            service and engine venvs on the host's disk
     model-deployer unlock                     break a deploy lock whose holder is gone
 
 Same config, exit codes and error rules as ``deploy-model``. Every command takes ``--json``,
@@ -332,6 +333,55 @@ def unlock(ctx: _Ctx, as_json: bool) -> None:
     _with_host(ctx, action)
 
 
+def _list_or_prune(
+    ctx: _Ctx,
+    kind: str,
+    *,
+    prune: bool,
+    lock_wait: float,
+    as_json: bool,
+    yes: bool,
+) -> None:
+    """``models`` and ``venvs``: list what is on the host's disk, or (``--prune``) delete what
+    no live or kept release needs, after consent."""
+
+    def action(settings: Settings, host: Executor) -> None:
+        from . import apply_view, venvs
+        from .consent import require
+        from .operations import models_on_disk, prune_models
+
+        listing: Callable[[Executor, Settings], list[Any]] = (
+            models_on_disk if kind == "models" else venvs.venvs_on_disk
+        )
+        pruning: Callable[..., list[Any]] = prune_models if kind == "models" else venvs.prune_venvs
+        render: Callable[[Any, Any], None] = (
+            apply_view.render_models if kind == "models" else apply_view.render_venvs
+        )
+        if prune:
+            command = f"{kind} --prune"
+            gone = pruning(
+                host,
+                settings,
+                lock_wait_s=lock_wait,
+                confirm=lambda changes: require(command, changes, yes=yes),
+            )
+            if as_json:
+                _json_out({"removed": [item.to_json() for item in gone]})
+            else:
+                for item in gone:
+                    click.echo(f"removed {item.path}")
+                noun = "revision(s)" if kind == "models" else "venv(s)"
+                click.echo(f"{len(gone)} {noun} removed")
+            return
+        found = listing(host, settings)
+        if as_json:
+            _json_out([item.to_json() for item in found])
+        else:
+            render(found, _console())
+
+    _with_host(ctx, action)
+
+
 @main.command()
 @shared_options
 @click.option("--prune", is_flag=True, help="Delete the revisions no kept release needs.")
@@ -342,34 +392,20 @@ def unlock(ctx: _Ctx, as_json: bool) -> None:
 def models(ctx: _Ctx, prune: bool, lock_wait: float, as_json: bool, yes: bool) -> None:
     """The model revisions on the host's disk: size, and which the live or a kept release
     needs; --prune deletes the others (asks first)."""
+    _list_or_prune(ctx, "models", prune=prune, lock_wait=lock_wait, as_json=as_json, yes=yes)
 
-    def action(settings: Settings, host: Executor) -> None:
-        from .consent import require
-        from .operations import models_on_disk, prune_models
 
-        if prune:
-            gone = prune_models(
-                host,
-                settings,
-                lock_wait_s=lock_wait,
-                confirm=lambda changes: require("models --prune", changes, yes=yes),
-            )
-            if as_json:
-                _json_out({"removed": [m.to_json() for m in gone]})
-            else:
-                for model in gone:
-                    click.echo(f"removed {model.path}")
-                click.echo(f"{len(gone)} revision(s) removed")
-            return
-        found = models_on_disk(host, settings)
-        if as_json:
-            _json_out([m.to_json() for m in found])
-            return
-        from .apply_view import render_models
-
-        render_models(found, _console())
-
-    _with_host(ctx, action)
+@main.command()
+@shared_options
+@click.option("--prune", is_flag=True, help="Delete the venvs no live or kept release needs.")
+@click.option("--lock-wait", default=0.0, type=click.FloatRange(0), help="Seconds to wait.")
+@click.option("--json", "as_json", is_flag=True, help="JSON on stdout.")
+@yes_option
+@click.pass_obj
+def venvs(ctx: _Ctx, prune: bool, lock_wait: float, as_json: bool, yes: bool) -> None:
+    """The service and engine venvs on the host's disk: size, and which the live or a kept
+    release needs; --prune deletes the others (asks first)."""
+    _list_or_prune(ctx, "venvs", prune=prune, lock_wait=lock_wait, as_json=as_json, yes=yes)
 
 
 if __name__ == "__main__":

@@ -6,10 +6,10 @@ Each function takes an executor and settings and returns plain data; the CLI ren
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from . import audit, commands
 from .config import Settings
@@ -44,6 +44,7 @@ from .unit import (
 GIB = 1024**3
 #: Shown what an operation will change, before it changes anything; raises to stop it.
 Confirm = Callable[[list[str]], None]
+OnDiskT = TypeVar("OnDiskT", bound="OnDisk")
 
 
 def _under_models_dir(path: str, models_dir: str) -> bool:
@@ -386,6 +387,43 @@ def models_on_disk(executor: Executor, settings: Settings) -> list[ModelOnDisk]:
     return sorted(found, key=lambda m: (m.name, m.revision))
 
 
+class OnDisk(Protocol):
+    """Something on the host's disk that a prune may delete."""
+
+    @property
+    def path(self) -> str: ...
+
+    @property
+    def size_bytes(self) -> int: ...
+
+
+def prune(
+    executor: Executor,
+    settings: Settings,
+    command: str,
+    doomed: Callable[[], Sequence[OnDiskT]],
+    *,
+    lock_wait_s: float = 0.0,
+    confirm: Confirm | None = None,
+) -> list[OnDiskT]:
+    """Under the host lock (no deploy is using or making them meanwhile): ``doomed()``, shown
+    to ``confirm``, deleted and written to the audit log; returns what was deleted."""
+    lock = HostLock(executor, settings.remote.state_dir, command=command)
+    lock.acquire(wait_s=lock_wait_s)
+    try:
+        found = list(doomed())
+        if confirm is not None:
+            confirm([f"deletes {d.path} ({d.size_bytes / GIB:.2f} GiB)" for d in found])
+        for item in found:
+            executor.run(commands.remove_tree(item.path), sudo=True, what=f"remove {item.path}")
+        if found:
+            entry = audit.AuditEntry(command, "ok", details={"removed": [d.path for d in found]})
+            audit.append(executor, settings.remote.state_dir, entry, python=settings.remote.python)
+        return found
+    finally:
+        lock.release()
+
+
 def prune_models(
     executor: Executor,
     settings: Settings,
@@ -393,24 +431,16 @@ def prune_models(
     lock_wait_s: float = 0.0,
     confirm: Confirm | None = None,
 ) -> list[ModelOnDisk]:
-    """Delete the revisions no kept release needs (under the host lock, after ``confirm``);
-    returns what was deleted."""
-    lock = HostLock(executor, settings.remote.state_dir, command="models --prune")
-    lock.acquire(wait_s=lock_wait_s)
-    try:
-        doomed = [m for m in models_on_disk(executor, settings) if not (m.live or m.kept)]
-        if confirm is not None:
-            confirm([f"deletes {m.path} ({m.size_bytes / GIB:.2f} GiB)" for m in doomed])
-        for model in doomed:
-            executor.run(commands.remove_tree(model.path), sudo=True)
-        if doomed:
-            entry = audit.AuditEntry(
-                "models --prune", "ok", details={"removed": [m.path for m in doomed]}
-            )
-            audit.append(executor, settings.remote.state_dir, entry, python=settings.remote.python)
-        return doomed
-    finally:
-        lock.release()
+    """Delete the revisions no kept release needs (after ``confirm``); returns what was
+    deleted."""
+    return prune(
+        executor,
+        settings,
+        "models --prune",
+        lambda: [m for m in models_on_disk(executor, settings) if not (m.live or m.kept)],
+        lock_wait_s=lock_wait_s,
+        confirm=confirm,
+    )
 
 
 def audit_tail(executor: Executor, settings: Settings, n: int) -> list[dict[str, Any]]:

@@ -116,6 +116,10 @@ def venvs_dir(settings: Settings) -> str:
     return f"{settings.remote.service_dir}/venvs"
 
 
+def engines_dir(settings: Settings) -> str:
+    return f"{settings.remote.service_dir}/engines"
+
+
 def venv_dir(settings: Settings, ident: str) -> str:
     return f"{venvs_dir(settings)}/{ident}"
 
@@ -228,7 +232,7 @@ def engine_lock(package: str) -> Path:
 
 def engine_venv_dir(settings: Settings, package: str) -> str:
     """Where ``package``'s venv lives: keyed by its lock, like the service venvs."""
-    return f"{settings.remote.service_dir}/engines/{package}-{lock_hash(engine_lock(package))}"
+    return f"{engines_dir(settings)}/{package}-{lock_hash(engine_lock(package))}"
 
 
 def engine_python(settings: Settings, package: str) -> str:
@@ -250,7 +254,7 @@ def install_engine_venv(
         return target
     python = settings.remote.python
     ensure_dir(executor, settings.remote.service_dir, owner="root")
-    ensure_dir(executor, f"{settings.remote.service_dir}/engines", owner="root")
+    ensure_dir(executor, engines_dir(settings), owner="root")
     executor.run(commands.remove_tree(target), sudo=True, what="remove a partial engine venv")
     executor.run([python, "-m", "venv", target], sudo=True, what=f"create the {package} venv")
     remote_lock = f"{target}/{VENV_LOCK_NAME}"

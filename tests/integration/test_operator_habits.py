@@ -1,6 +1,7 @@
-"""What an operator expects around a deploy, on the sandbox host: the model revisions on disk
-(``models``, ``--prune``), ``--json`` and the group's options after the subcommand, existing
-directories left as the operator made them, and the unit's own account and port."""
+"""What an operator expects around a deploy, on the sandbox host: the model revisions and the
+venvs on disk (``models``, ``venvs``, ``--prune``), ``--json`` and the group's options after the
+subcommand, existing directories left as the operator made them, and the unit's own account
+and port."""
 
 from __future__ import annotations
 
@@ -44,6 +45,24 @@ def test_models_prune_json_and_what_the_deploy_leaves_alone(host: SandboxHost) -
     assert [m["path"] for m in json.loads(pruned.stdout)["removed"]] == [stale]
     assert host.ssh(f"test -e {stale}", check=False).returncode != 0
     assert host.ssh(f"test -d {live['path']}", check=False).returncode == 0
+
+    # A venv of an older service build (and one an interrupted install left half-made): no
+    # release needs them, so `venvs --prune` deletes them, and only them.
+    venvs = "/opt/asoba-inference/venvs"
+    host.sudo(
+        f"mkdir -p {venvs}/0ld-build/bin {venvs}/half-made && touch {venvs}/0ld-build/.complete"
+    )
+    listed = {v["name"]: v for v in json.loads(ops(host, "venvs", "--json").stdout)}
+    assert listed["0ld-build"]["prunable"] and not listed["half-made"]["complete"]
+    (live_venv,) = [v for v in listed.values() if v["live"]]
+    venv_pruned = ops(host, "venvs", "--prune", "--yes", "--json")
+    assert venv_pruned.returncode == 0, venv_pruned.stderr
+    removed = {v["name"] for v in json.loads(venv_pruned.stdout)["removed"]}
+    # Exactly what the listing called prunable (earlier tests' builds of other code too).
+    assert removed == {name for name, v in listed.items() if v["prunable"]}
+    assert {"0ld-build", "half-made"} <= removed and live_venv["name"] not in removed
+    assert host.ssh(f"test -x {live_venv['path']}/bin/python", check=False).returncode == 0
+    assert host.unit_property(UNIT, "ActiveState") == "active"
 
     gone = ops(host, "undeploy", "--json")
     assert gone.returncode == 0, gone.stderr

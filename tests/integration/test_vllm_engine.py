@@ -26,6 +26,7 @@ from tests.integration.deploy_support import (
     extra_catalog,
     last_json,
     lock_left,
+    ops,
     status,
     upload,
 )
@@ -200,3 +201,16 @@ def test_vllm_deploys_answers_rolls_back_and_switches_engines(
     env = _service_env(host)
     assert "ASOBA_VLLM_PYTHON" not in env and env.get("ASOBA_BACKEND", "transformers") != "vllm"
     assert host.sudo("ls /run/asoba-inference").stdout.strip() == ""
+
+    # 6. The vLLM venv stays on disk for a rollback to the release that used it: `venvs`
+    # says so (read from that release's env file), and --prune leaves it.
+    listed = ops(host, "venvs", "--json")
+    assert listed.returncode == 0, listed.stderr
+    found = {v["path"]: v for v in json.loads(listed.stdout)}
+    assert found[venv]["kind"] == "engine" and found[venv]["kept"] and not found[venv]["live"]
+    (live,) = [v for v in found.values() if v["live"]]
+    assert live["kind"] == "service"
+    pruned = ops(host, "venvs", "--prune", "--yes", "--json")
+    assert pruned.returncode == 0, pruned.stderr
+    assert venv not in [v["path"] for v in json.loads(pruned.stdout)["removed"]]
+    assert host.sudo(f"test -f {venv}/bin/python", check=False).returncode == 0
