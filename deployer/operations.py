@@ -266,10 +266,11 @@ def rollback(
             raise DeployError("no previous release to roll back to")
         if not target.env_file or not target.venv:
             raise DeployError(f"release #{target.number} lacks its env file or venv")
+        env_text = executor.run(["cat", "--", target.env_file], sudo=True).stdout
+        _refuse_missing_venvs(executor, target, env_text)
         if confirm is not None:
             running = f"{current.model} (release #{current.number})" if current else "the service"
             confirm([f"replaces {running} with release #{target.number} ({target.model})"])
-        env_text = executor.run(["cat", "--", target.env_file], sudo=True).stdout
         ensure_service_user(executor, remote.service_user)
         facts: HostFacts = inspect_host(executor, remote)
         writes = [
@@ -325,6 +326,25 @@ def rollback(
         return target
     finally:
         lock.release()
+
+
+def _refuse_missing_venvs(executor: Executor, target: Release, env_text: str) -> None:
+    """The venvs ``target`` runs in (the service's, and the engine's its env file names) must
+    still be whole: undeploy removes them, and a unit pointed at a missing venv cannot start."""
+    from .service_code import COMPLETE_MARKER
+    from .venvs import engine_venv_of
+
+    try:
+        engine = engine_venv_of(env_text)
+    except ValueError:
+        engine = None
+    for venv in (target.venv, engine):
+        marker = f"{venv}/{COMPLETE_MARKER}"
+        if venv and not executor.run(commands.test_path("-f", marker), check=False).ok:
+            raise DeployError(
+                f"release #{target.number}'s venv {venv} is no longer on the host "
+                f"(undeploy and `venvs --prune` remove unused ones); deploy {target.model} again"
+            )
 
 
 @dataclass

@@ -132,3 +132,19 @@ def test_rolling_back_to_a_release_recorded_by_the_old_schema(
     assert target.venv == old["venv"] and target.service_name == "asoba-inference.service"
     record = json.loads(host.read(CURRENT) or "{}")
     assert "extra" not in record and record["number"] == 1 and record["venv"] == old["venv"]
+
+
+def test_rollback_after_undeploy_refuses_without_the_release_venv(
+    host: FakeHost, tmp_path: Path
+) -> None:
+    """undeploy removes the venvs but keeps the release records: a rollback to one of them
+    says so before changing anything, instead of starting a unit on a missing venv."""
+    two_releases(host, tmp_path)
+    undeploy(host, SETTINGS)
+    changes = host.changes()
+    with pytest.raises(DeployError, match=r"release #2's venv .* is no longer on the host"):
+        rollback(host, SETTINGS)
+    assert host.changes() == changes  # no unit was started or stopped
+    assert not host.path(ENV_FILE).exists() and not host.path(UNIT_FILE).exists()
+    assert not host.units[OUR_UNIT].active
+    assert not host.path("/var/lib/model-deployer/lock").exists()
