@@ -335,7 +335,11 @@ def unlock(ctx: _Ctx, as_json: bool) -> None:
 
 def _list_or_prune(
     ctx: _Ctx,
-    kind: str,
+    command: str,
+    noun: str,
+    listing: Callable[[Executor, Settings], list[Any]],
+    pruning: Callable[..., list[Any]],
+    render: Callable[[list[Any], Any], None],
     *,
     prune: bool,
     lock_wait: float,
@@ -346,31 +350,20 @@ def _list_or_prune(
     no live or kept release needs, after consent."""
 
     def action(settings: Settings, host: Executor) -> None:
-        from . import apply_view, venvs
         from .consent import require
-        from .operations import models_on_disk, prune_models
 
-        listing: Callable[[Executor, Settings], list[Any]] = (
-            models_on_disk if kind == "models" else venvs.venvs_on_disk
-        )
-        pruning: Callable[..., list[Any]] = prune_models if kind == "models" else venvs.prune_venvs
-        render: Callable[[Any, Any], None] = (
-            apply_view.render_models if kind == "models" else apply_view.render_venvs
-        )
         if prune:
-            command = f"{kind} --prune"
             gone = pruning(
                 host,
                 settings,
                 lock_wait_s=lock_wait,
-                confirm=lambda changes: require(command, changes, yes=yes),
+                confirm=lambda changes: require(f"{command} --prune", changes, yes=yes),
             )
             if as_json:
                 _json_out({"removed": [item.to_json() for item in gone]})
             else:
                 for item in gone:
                     click.echo(f"removed {item.path}")
-                noun = "revision(s)" if kind == "models" else "venv(s)"
                 click.echo(f"{len(gone)} {noun} removed")
             return
         found = listing(host, settings)
@@ -392,7 +385,13 @@ def _list_or_prune(
 def models(ctx: _Ctx, prune: bool, lock_wait: float, as_json: bool, yes: bool) -> None:
     """The model revisions on the host's disk: size, and which the live or a kept release
     needs; --prune deletes the others (asks first)."""
-    _list_or_prune(ctx, "models", prune=prune, lock_wait=lock_wait, as_json=as_json, yes=yes)
+    from .apply_view import render_models
+    from .operations import models_on_disk, prune_models
+
+    _list_or_prune(
+        ctx, "models", "revision(s)", models_on_disk, prune_models, render_models,
+        prune=prune, lock_wait=lock_wait, as_json=as_json, yes=yes,
+    )  # fmt: skip
 
 
 @main.command()
@@ -405,7 +404,13 @@ def models(ctx: _Ctx, prune: bool, lock_wait: float, as_json: bool, yes: bool) -
 def venvs(ctx: _Ctx, prune: bool, lock_wait: float, as_json: bool, yes: bool) -> None:
     """The service and engine venvs on the host's disk: size, and which the live or a kept
     release needs; --prune deletes the others (asks first)."""
-    _list_or_prune(ctx, "venvs", prune=prune, lock_wait=lock_wait, as_json=as_json, yes=yes)
+    from .apply_view import render_venvs
+    from .venvs import prune_venvs, venvs_on_disk
+
+    _list_or_prune(
+        ctx, "venvs", "venv(s)", venvs_on_disk, prune_venvs, render_venvs,
+        prune=prune, lock_wait=lock_wait, as_json=as_json, yes=yes,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from .lock import HostLock, LockInfo, break_lock, lock_status
 from .operator_input import within
 from .probe import inspect_host
 from .releases import Release, Releases
+from .service_code import engine_venv_of, venv_complete
 from .ssh import Executor
 from .steps import StepFailure, run_steps
 from .unit import (
@@ -331,16 +332,12 @@ def rollback(
 def _refuse_missing_venvs(executor: Executor, target: Release, env_text: str) -> None:
     """The venvs ``target`` runs in (the service's, and the engine's its env file names) must
     still be whole: undeploy removes them, and a unit pointed at a missing venv cannot start."""
-    from .service_code import COMPLETE_MARKER
-    from .venvs import engine_venv_of
-
     try:
         engine = engine_venv_of(env_text)
     except ValueError:
         engine = None
     for venv in (target.venv, engine):
-        marker = f"{venv}/{COMPLETE_MARKER}"
-        if venv and not executor.run(commands.test_path("-f", marker), check=False).ok:
+        if venv and not venv_complete(executor, venv):
             raise DeployError(
                 f"release #{target.number}'s venv {venv} is no longer on the host "
                 f"(undeploy and `venvs --prune` remove unused ones); deploy {target.model} again"

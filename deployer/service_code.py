@@ -27,13 +27,14 @@ import re
 import subprocess
 import sys
 import tempfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from . import commands
 from .config import Settings
 from .errors import DeployError
 from .host_setup import ensure_dir
 from .ssh import Executor
+from .unit import SERVER_ENV, parse_env_file
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = ("deployer", "remote_service")
@@ -128,9 +129,14 @@ def venv_link(settings: Settings) -> str:
     return f"{settings.remote.service_dir}/venv"
 
 
-def venv_ready(executor: Executor, settings: Settings, ident: str) -> bool:
-    marker = f"{venv_dir(settings, ident)}/{COMPLETE_MARKER}"
+def venv_complete(executor: Executor, path: str) -> bool:
+    """The venv at ``path`` finished installing (its completion marker is there)."""
+    marker = f"{path}/{COMPLETE_MARKER}"
     return executor.run(commands.test_path("-f", marker), check=False).ok
+
+
+def venv_ready(executor: Executor, settings: Settings, ident: str) -> bool:
+    return venv_complete(executor, venv_dir(settings, ident))
 
 
 def install_venv(
@@ -235,6 +241,16 @@ def engine_venv_dir(settings: Settings, package: str) -> str:
     return f"{engines_dir(settings)}/{package}-{lock_hash(engine_lock(package))}"
 
 
+def engine_venv_of(env_text: str) -> str | None:
+    """The engine venv a service env file's interpreter variable (``ASOBA_VLLM_PYTHON``)
+    points into, if any; raises ``ValueError`` for text that is no env file."""
+    value = parse_env_file(env_text).get(SERVER_ENV["vllm_python"])
+    if not value:
+        return None
+    python = PurePosixPath(value)
+    return str(python.parent.parent) if python.parent.name == "bin" else None
+
+
 def engine_python(settings: Settings, package: str) -> str:
     return f"{engine_venv_dir(settings, package)}/bin/python"
 
@@ -249,8 +265,7 @@ def install_engine_venv(
     """
     lock = engine_lock(package)
     target = engine_venv_dir(settings, package)
-    marker = f"{target}/{COMPLETE_MARKER}"
-    if executor.run(commands.test_path("-f", marker), check=False).ok:
+    if venv_complete(executor, target):
         return target
     python = settings.remote.python
     ensure_dir(executor, settings.remote.service_dir, owner="root")
@@ -273,7 +288,7 @@ def install_engine_venv(
         timeout=600,
         what=f"check the {package} venv imports its server",
     )
-    executor.run(["touch", marker], sudo=True)
+    executor.run(["touch", f"{target}/{COMPLETE_MARKER}"], sudo=True)
     return target
 
 

@@ -21,18 +21,17 @@ from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from . import commands
+from .host_steps import read_remote
 from .operations import Confirm, prune
 from .operator_input import within
 from .releases import Releases
-from .service_code import COMPLETE_MARKER, current_venv, engines_dir, venvs_dir
-from .unit import SERVER_ENV, env_file_path, parse_env_file
+from .service_code import COMPLETE_MARKER, current_venv, engine_venv_of, engines_dir, venvs_dir
+from .unit import env_file_path
 
 if TYPE_CHECKING:
     from .config import Settings
     from .ssh import Executor
 
-#: What a release's env file has the engine venv's interpreter in.
-ENGINE_PYTHON_VAR = SERVER_ENV["vllm_python"]
 #: What the deployer names a venv directory (a code id, or an engine package and lock id).
 _VENV_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -59,24 +58,14 @@ class _Unknown(Exception):
     """An env file that should be there could not be read or parsed."""
 
 
-def engine_venv_of(env_text: str) -> str | None:
-    """The engine venv an env file's interpreter variable points into, if any; raises
-    ``ValueError`` for text that is no env file."""
-    value = parse_env_file(env_text).get(ENGINE_PYTHON_VAR)
-    if not value:
-        return None
-    python = PurePosixPath(value)
-    return str(python.parent.parent) if python.parent.name == "bin" else None
-
-
 def _engine_of(executor: Executor, env_file: str | None) -> str | None:
     if not env_file:
         return None
-    result = executor.run(["cat", "--", env_file], sudo=True, check=False)
-    if not result.ok:
+    text = read_remote(executor, env_file)
+    if text is None:
         raise _Unknown(env_file)
     try:
-        return engine_venv_of(result.stdout)
+        return engine_venv_of(text)
     except ValueError:
         raise _Unknown(env_file) from None
 

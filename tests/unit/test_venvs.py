@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from deployer.venvs import engine_venv_of, prune_venvs, venvs_on_disk
+from deployer.service_code import engine_venv_of
+from deployer.venvs import prune_venvs, venvs_on_disk
 from tests.fake_host import FakeHost
 from tests.unit.test_apply import CURRENT, SETTINGS, deploy
 from tests.unit.test_cli_ops import ops
